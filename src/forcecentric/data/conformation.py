@@ -1,0 +1,117 @@
+"""The Conformation record: one 3D structure with optional labels, in eV, Angstrom and e.
+
+Every reader produces these records; nothing downstream converts units again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+#: Two atoms closer than this (Angstrom) make a record invalid.
+MIN_DISTANCE = 0.1
+
+
+@dataclass
+class Conformation:
+    """One conformation.
+
+    Attributes:
+        z: atomic numbers, int64 ``[n]``.
+        pos: positions in Angstrom, float64 ``[n, 3]``.
+        energy: total energy in eV, or None.
+        forces: forces in eV/Angstrom ``[n, 3]``, or None.
+        charge: total charge in e.
+        equilibrium: True for optimized minima whose forces are not used as labels.
+        source: dataset name.
+        level_of_theory: e.g. ``"GFN2-xTB"`` or ``"PBE/def2-SVP"``.
+        mol_id: molecule identity (used for splits by molecule).
+        info: any further per-record metadata.
+    """
+
+    z: np.ndarray
+    pos: np.ndarray
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    charge: int = 0
+    equilibrium: bool = False
+    source: str = ""
+    level_of_theory: str = ""
+    mol_id: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.z = np.asarray(self.z, dtype=np.int64).reshape(-1)
+        self.pos = np.asarray(self.pos, dtype=np.float64)
+        if self.forces is not None:
+            self.forces = np.asarray(self.forces, dtype=np.float64)
+        if self.energy is not None:
+            self.energy = float(self.energy)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.z.shape[0])
+
+    def validate(
+        self,
+        *,
+        file: str | None = None,
+        record: int | None = None,
+        min_distance: float = MIN_DISTANCE,
+        max_force: float | None = None,
+    ) -> "Conformation":
+        """Check shapes, finiteness and geometry; raise :class:`DataError` naming file and record."""
+
+        def fail(problem: str) -> None:
+            raise DataError(problem, file=file, record=record)
+
+        n = self.z.shape[0]
+        if n == 0:
+            fail("conformation has no atoms")
+        if self.pos.shape != (n, 3):
+            fail(f"positions have shape {self.pos.shape}, expected ({n}, 3) for {n} atoms")
+        if np.any(self.z < 1) or np.any(self.z > 118):
+            fail(f"invalid atomic numbers {sorted(set(self.z.tolist()))}")
+        if not np.all(np.isfinite(self.pos)):
+            fail("positions contain NaN or Inf")
+        if self.energy is not None and not np.isfinite(self.energy):
+            fail(f"energy is {self.energy}")
+        if self.forces is not None:
+            if self.forces.shape != (n, 3):
+                fail(
+                    f"forces have shape {self.forces.shape} but positions have shape {self.pos.shape}"
+                )
+            if not np.all(np.isfinite(self.forces)):
+                fail("forces contain NaN or Inf")
+            if max_force is not None:
+                fmax = float(np.abs(self.forces).max())
+                if fmax > max_force:
+                    fail(f"force component {fmax:.3g} eV/A exceeds the bound {max_force} eV/A")
+        if n > 1:
+            dmin, (i, j) = _min_distance(self.pos)
+            if dmin < min_distance:
+                fail(
+                    f"atoms {i} and {j} are {dmin:.4f} A apart (closer than {min_distance} A)"
+                )
+        return self
+
+
+def _min_distance(pos: np.ndarray) -> tuple[float, tuple[int, int]]:
+    """Smallest interatomic distance and the pair that has it."""
+    n = pos.shape[0]
+    if n <= 2000:
+        d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
+        d[np.diag_indices(n)] = np.inf
+        k = int(np.argmin(d))
+        i, j = divmod(k, n)
+        return float(d[i, j]), (i, j)
+    from scipy.spatial import cKDTree  # large systems only
+
+    tree = cKDTree(pos)
+    dist, idx = tree.query(pos, k=2)
+    i = int(np.argmin(dist[:, 1]))
+    return float(dist[i, 1]), (i, int(idx[i, 1]))
