@@ -1,0 +1,245 @@
+"""Command line: ``forcecentric <command>``; ``forcecentric <command> --help`` for each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .errors import ForceCentricError
+
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _preset_or_path(spec: str) -> Path:
+    p = Path(spec)
+    if p.is_file():
+        return p
+    cand = PRESETS_DIR / f"{spec}.yaml"
+    if cand.is_file():
+        return cand
+    presets = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))
+    raise ForceCentricError(f"config {spec!r} is neither a file nor a preset; presets: {presets}")
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ForceCentricError(f"--set expects KEY=VALUE (dotted keys), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load_cfg(args, task: str, extra: dict[str, Any] | None = None):
+    from .config import load_run_config
+
+    over = {"task": task}
+    over.update(extra or {})
+    if getattr(args, "run_dir", None):
+        over["run_dir"] = args.run_dir
+    over.update(_overrides(args.set))
+    return load_run_config(_preset_or_path(args.config), over)
+
+
+def cmd_pretrain(args) -> int:
+    from .train.run import run
+
+    cfg = _load_cfg(args, "pretrain")
+    metrics = run(cfg, resume=args.resume)
+    _print_summary(metrics)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .train.run import run
+
+    extra: dict[str, Any] = {"init_from": args.init_from}
+    if args.data:
+        extra["data.train"] = list(args.data)
+    cfg = _load_cfg(args, "finetune", extra)
+    metrics = run(cfg, resume=args.resume)
+    _print_summary(metrics)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load
+    from .data import read_all
+    from .evaluation import evaluate
+    from .train.datamodule import resolve_path
+
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    results = {}
+    for spec in args.data:
+        path = resolve_path(spec)
+        records = read_all(path, format=args.format)
+        name = path.stem
+        results[str(path)] = evaluate(model, records, args.out, name=name, file=str(path),
+                                      batch_size=args.batch_size)
+    print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2, default=float))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import load_run_config
+    from .evaluation import write_json
+    from .train.run import run
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ForceCentricError(f"{str(out)!r} is not empty; pass --overwrite or choose another --out")
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    t0 = time.time()
+    quick = {"trainer.max_epochs": 2} if args.quick else {}
+    common = {"trainer.progress_bar": not args.no_progress, **quick}
+    print(f"[1/3] force-centric pre-training on the bundled GFN2-xTB corpus -> {out / 'pretrain'}", flush=True)
+    pre = run(load_run_config(PRESETS_DIR / "demo_pretrain.yaml",
+                              {"run_dir": str(out / "pretrain"), "seed": args.seed, **common}))
+    ckpt = out / "pretrain" / "model.ckpt"
+    print(f"[2/3] fine-tuning on the held-out molecule (aspirin) from the pre-trained model -> {out / 'finetune'}", flush=True)
+    fine = run(load_run_config(PRESETS_DIR / "demo_finetune.yaml",
+                               {"run_dir": str(out / "finetune"), "init_from": str(ckpt), "seed": args.seed, **common}))
+    scratch = None
+    if not args.no_scratch:
+        print(f"[3/3] the same fine-tuning from random weights (baseline) -> {out / 'scratch'}", flush=True)
+        scratch = run(load_run_config(PRESETS_DIR / "demo_finetune.yaml",
+                                      {"run_dir": str(out / "scratch"), "init_from": None, "seed": args.seed, **common}))
+    shutil.copyfile(out / "finetune" / "model.ckpt", out / "model.ckpt")
+    test = fine["test"]
+    metrics = {
+        "held_out_molecule": "aspirin",
+        "level_of_theory": "GFN2-xTB",
+        "units": {"energy_mae": "eV", "force_mae": "eV/A"},
+        "force_mae": test["force_mae"],
+        "energy_mae": test["energy_mae"],
+        "energy_mae_per_atom": test["energy_mae_per_atom"],
+        "force_cos": test["force_cos"],
+        "n_test": test["n_conformations"],
+        "n_finetune_train": fine["train_size"],
+        "pretrain": {"val": pre["val"], "train_size": pre["train_size"], "wall_time_s": pre["wall_time_s"]},
+        "finetune_wall_time_s": fine["wall_time_s"],
+        "wall_time_s": None,
+        "version": __version__,
+    }
+    if scratch is not None:
+        st = scratch["test"]
+        metrics["scratch"] = {"force_mae": st["force_mae"], "energy_mae": st["energy_mae"]}
+        metrics["force_mae_ratio_scratch_over_pretrained"] = st["force_mae"] / test["force_mae"]
+    metrics["wall_time_s"] = round(time.time() - t0, 1)
+    write_json(metrics, out / "metrics.json")
+    print()
+    print(f"held-out molecule: aspirin (GFN2-xTB), {metrics['n_test']} test frames, "
+          f"{metrics['n_finetune_train']} fine-tuning frames")
+    print(f"{'model':<22}{'force MAE (meV/A)':>20}{'energy MAE (meV)':>20}")
+    print(f"{'pre-trained + fine-tuned':<22}{1000 * test['force_mae']:>20.1f}{1000 * test['energy_mae']:>20.1f}")
+    if scratch is not None:
+        print(f"{'from scratch':<22}{1000 * st['force_mae']:>20.1f}{1000 * st['energy_mae']:>20.1f}")
+        print(f"force MAE ratio scratch / pre-trained: {metrics['force_mae_ratio_scratch_over_pretrained']:.2f}")
+    print(f"wall time {metrics['wall_time_s']:.0f} s; model: {out / 'model.ckpt'}; metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _print_summary(metrics: dict) -> None:
+    keep = {k: v for k, v in metrics.items() if k not in ("val", "test")}
+    for split in ("val", "test"):
+        if split in metrics:
+            keep[split] = {k: v for k, v in metrics[split].items() if k in (
+                "force_mae", "energy_mae", "energy_mae_per_atom", "force_cos", "n_conformations")}
+    print(json.dumps(keep, indent=2, default=float))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="forcecentric",
+        description="Force-centric pre-training of equivariant molecular force fields "
+        "(Equivariant Transformer; force matching, zero-force regularization, force-based denoising).",
+        formatter_class=fmt,
+    )
+    p.add_argument("--version", action="version", version=f"forcecentric {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common_train(sp, default_cfg: str):
+        sp.add_argument("-c", "--config", default=default_cfg,
+                        help=f"YAML config file or preset name (presets: "
+                        f"{', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.yaml')))})")
+        sp.add_argument("--run-dir", help="run directory (overrides run_dir in the config)")
+        sp.add_argument("--resume", action="store_true", help="continue a killed run from run_dir/checkpoints/last.ckpt")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value with a dotted key, e.g. --set optim.lr=1e-4 (repeatable)")
+
+    sp = sub.add_parser("pretrain", help="force-centric pre-training on equilibrium and off-equilibrium data",
+                        description="Pre-train an Equivariant Transformer with force matching on off-equilibrium "
+                        "conformations and zero-force regularization + force-based denoising on equilibrium ones. "
+                        "Writes config, metrics.csv, learning_curve.png, checkpoints/, model.ckpt and metrics.json "
+                        "to the run directory.", formatter_class=fmt)
+    common_train(sp, "pretrain")
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("finetune", help="fine-tune energy + forces from a pre-trained checkpoint (or from scratch)",
+                        description="Fine-tune on energies and forces. Per-element reference energies are fitted by "
+                        "least squares on the training energies before training. Without --from the same run "
+                        "starts from random weights.", formatter_class=fmt)
+    common_train(sp, "finetune")
+    sp.add_argument("--from", dest="init_from", default=None, help="pre-trained model checkpoint (default: scratch)")
+    sp.add_argument("--data", nargs="+", help="training files (any ASE-readable file, e.g. extxyz); "
+                    "overrides data.train")
+    sp.set_defaults(func=cmd_finetune)
+
+    sp = sub.add_parser("evaluate", help="energy / force errors of a model on a dataset, with a parity plot",
+                        description="Energy MAE (per molecule and per atom), force MAE and RMSE, force cosine "
+                        "similarity and per-element force MAE, printed as JSON; with --out also "
+                        "NAME_metrics.json and NAME_parity.png.", formatter_class=fmt)
+    sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
+    sp.add_argument("--data", required=True, nargs="+", help="dataset files (any ASE-readable format)")
+    sp.add_argument("--format", default=None, help="force the file format (default: guess)")
+    sp.add_argument("--out", default=None, help="folder for metrics JSON and parity plot")
+    sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("demo", help="pre-train, fine-tune on a held-out molecule and evaluate, on bundled data",
+                        description="The main job on the bundled GFN2-xTB data: a short force-centric pre-training, "
+                        "fine-tuning on aspirin (held out of pre-training) from the pre-trained weights and from "
+                        "scratch, evaluation on held-out aspirin frames. Leaves OUT/model.ckpt and "
+                        "OUT/metrics.json.", formatter_class=fmt)
+    sp.add_argument("--out", default="runs/demo", help="output folder")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sp.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.add_argument("--quick", action="store_true", help="2 epochs per stage (a smoke test, not a result)")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                  "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ForceCentricError as exc:
+        print(f"forcecentric {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Equivariant Transformer representation (after TorchMD-Net ET, Thölke & De Fabritiis, 2022).
+
+Every atom carries invariant scalar features ``x [N, F]`` and equivariant vector features
+``vec [N, 3, F]`` (zero at the start). Interatomic distances are expanded in trainable
+exponential-normal radial basis functions multiplied by a cosine cutoff. Each layer is an
+equivariant multi-head attention block without softmax: the attention weight of the pair
+``(i, j)`` is ``act(sum_head q_i * k_j * dk(r_ij)) * cutoff(r_ij)``; scalar messages are the
+filtered values weighted by attention, vector messages combine the neighbour's vectors and the
+unit bond direction, both gated by filtered values. The update mixes scalars and vectors only
+through invariant quantities (dot products of linear combinations of vectors), which keeps the
+scalars invariant and the vectors equivariant under rotations, reflections and translations.
+
+Edge convention: ``edge_index[0] = i`` (receiver), ``edge_index[1] = j`` (sender), edge vector
+``pos[j] - pos[i]``; messages are summed at ``i``. As in the reference implementation, every
+atom also attends to itself (a self loop with distance 0 and zero bond direction), and the
+neighbour embedding uses only the real neighbours.
+"""
+
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .neighbors import radius_graph
+
+__all__ = [
+    "ShiftedSoftplus",
+    "activation",
+    "CosineCutoff",
+    "ExpNormalSmearing",
+    "NeighborEmbedding",
+    "EquivariantAttention",
+    "ETRepresentation",
+]
+
+
+class ShiftedSoftplus(nn.Module):
+    """``softplus(x) - log 2`` (zero at the origin)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = math.log(2.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softplus(x) - self.shift
+
+
+def activation(name: str) -> nn.Module:
+    """Activation module by config name (``silu``, ``ssp``, ``tanh``, ``gelu``)."""
+    if name == "silu":
+        return nn.SiLU()
+    if name == "ssp":
+        return ShiftedSoftplus()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r} (expected silu, ssp, tanh or gelu)")
+
+
+class CosineCutoff(nn.Module):
+    """``0.5 (cos(pi r / r_c) + 1)`` for ``r < r_c``, else 0; value and slope vanish at ``r_c``."""
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+
+    def forward(self, r: Tensor) -> Tensor:
+        inside = (r < self.cutoff).to(r.dtype)
+        return 0.5 * (torch.cos(r * (math.pi / self.cutoff)) + 1.0) * inside
+
+
+class ExpNormalSmearing(nn.Module):
+    """Exponential-normal radial basis ``exp(-beta_k (exp(-alpha r) - mu_k)^2) * cutoff(r)``.
+
+    ``alpha = 5 / r_c``; centres ``mu_k`` are spaced evenly in ``[exp(-r_c), 1]`` and the widths
+    ``beta_k`` start at ``(2 (1 - exp(-r_c)) / K)^-2``; both are trainable by default.
+    """
+
+    def __init__(self, cutoff: float, num_rbf: int, trainable: bool = True) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.num_rbf = int(num_rbf)
+        self.alpha = 5.0 / self.cutoff
+        self.cutoff_fn = CosineCutoff(cutoff)
+        start = math.exp(-self.cutoff)
+        means = torch.linspace(start, 1.0, self.num_rbf)
+        betas = torch.full((self.num_rbf,), (2.0 / self.num_rbf * (1.0 - start)) ** -2)
+        if trainable:
+            self.means = nn.Parameter(means)
+            self.betas = nn.Parameter(betas)
+        else:
+            self.register_buffer("means", means)
+            self.register_buffer("betas", betas)
+
+    def forward(self, r: Tensor) -> Tensor:
+        r = r.unsqueeze(-1)
+        return self.cutoff_fn(r) * torch.exp(
+            -self.betas * (torch.exp(-self.alpha * r) - self.means) ** 2
+        )
+
+
+def _xavier(linear: nn.Linear) -> None:
+    nn.init.xavier_uniform_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class NeighborEmbedding(nn.Module):
+    """``x_i <- W_c [x_i, sum_j emb(z_j) * (W_d rbf(r_ij)) * cutoff(r_ij)]``."""
+
+    def __init__(self, hidden_channels: int, num_rbf: int, cutoff: float, max_z: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(max_z + 1, hidden_channels)
+        self.distance_proj = nn.Linear(num_rbf, hidden_channels)
+        self.combine = nn.Linear(2 * hidden_channels, hidden_channels)
+        self.cutoff = CosineCutoff(cutoff)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.embedding.reset_parameters()
+        _xavier(self.distance_proj)
+        _xavier(self.combine)
+
+    def forward(
+        self, z: Tensor, x: Tensor, idx_i: Tensor, idx_j: Tensor, r: Tensor, rbf: Tensor
+    ) -> Tensor:
+        w = self.distance_proj(rbf) * self.cutoff(r).unsqueeze(-1)
+        msg = self.embedding(z).index_select(0, idx_j) * w
+        agg = torch.zeros_like(x).index_add(0, idx_i, msg)
+        return self.combine(torch.cat([x, agg], dim=-1))
+
+
+class EquivariantAttention(nn.Module):
+    """One equivariant multi-head attention layer; returns the residual updates ``(dx, dvec)``."""
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        num_rbf: int,
+        num_heads: int,
+        activation_name: str = "silu",
+        attn_activation_name: str = "silu",
+        vector_cutoff: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden_channels % num_heads != 0:
+            raise ValueError(
+                f"hidden_channels ({hidden_channels}) must be divisible by num_heads ({num_heads})"
+            )
+        self.hidden_channels = hidden_channels
+        self.num_heads = num_heads
+        self.head_dim = hidden_channels // num_heads
+        self.vector_cutoff = bool(vector_cutoff)
+
+        self.layernorm = nn.LayerNorm(hidden_channels)
+        self.act = activation(activation_name)
+        self.attn_act = activation(attn_activation_name)
+        self.q_proj = nn.Linear(hidden_channels, hidden_channels)
+        self.k_proj = nn.Linear(hidden_channels, hidden_channels)
+        self.v_proj = nn.Linear(hidden_channels, 3 * hidden_channels)
+        self.o_proj = nn.Linear(hidden_channels, 3 * hidden_channels)
+        self.vec_proj = nn.Linear(hidden_channels, 3 * hidden_channels, bias=False)
+        self.dk_proj = nn.Linear(num_rbf, hidden_channels)
+        self.dv_proj = nn.Linear(num_rbf, 3 * hidden_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.layernorm.reset_parameters()
+        for lin in (
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.o_proj,
+            self.vec_proj,
+            self.dk_proj,
+            self.dv_proj,
+        ):
+            _xavier(lin)
+
+    def forward(
+        self,
+        x: Tensor,
+        vec: Tensor,
+        idx_i: Tensor,
+        idx_j: Tensor,
+        cut: Tensor,
+        rbf: Tensor,
+        unit: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """``x [N, F]``, ``vec [N, 3, F]``; per edge ``(i <- j)``: cosine cutoff ``cut [E]``,
+        radial basis ``rbf [E, K]`` and unit vector ``unit [E, 3]`` from ``i`` towards ``j``."""
+        n = x.shape[0]
+        h, d, f = self.num_heads, self.head_dim, self.hidden_channels
+        x = self.layernorm(x)
+        q = self.q_proj(x).reshape(n, h, d)
+        k = self.k_proj(x).reshape(n, h, d)
+        v = self.v_proj(x).reshape(n, h, 3 * d)
+        vec1, vec2, vec3 = torch.split(self.vec_proj(vec), f, dim=-1)
+        vec_dot = (vec1 * vec2).sum(dim=1)  # [N, F], invariant
+
+        dk = self.act(self.dk_proj(rbf)).reshape(-1, h, d)
+        dv = self.act(self.dv_proj(rbf)).reshape(-1, h, 3 * d)
+
+        # --- messages j -> i
+        attn = (q.index_select(0, idx_i) * k.index_select(0, idx_j) * dk).sum(dim=-1)
+        attn = self.attn_act(attn) * cut.unsqueeze(-1)  # [E, H]
+        v_j = v.index_select(0, idx_j) * dv
+        x_msg, gate_vec, gate_dir = torch.split(v_j, d, dim=-1)  # each [E, H, D]
+        x_msg = x_msg * attn.unsqueeze(-1)
+        if self.vector_cutoff:
+            # cutoff on the vector messages, applied to the (smaller) gates
+            cut_g = cut.reshape(-1, 1, 1)
+            gate_vec = gate_vec * cut_g
+            gate_dir = gate_dir * cut_g
+        vec_j = vec.index_select(0, idx_j).reshape(-1, 3, h, d)
+        vec_msg = vec_j * gate_vec.unsqueeze(1) + gate_dir.unsqueeze(1) * unit.reshape(-1, 3, 1, 1)
+
+        # --- aggregation at i
+        x_agg = x.new_zeros(n, h, d).index_add(0, idx_i, x_msg).reshape(n, f)
+        vec_agg = vec.new_zeros(n, 3, h, d).index_add(0, idx_i, vec_msg).reshape(n, 3, f)
+
+        # --- update
+        o1, o2, o3 = torch.split(self.o_proj(x_agg), f, dim=-1)
+        dx = vec_dot * o2 + o3
+        dvec = vec3 * o1.unsqueeze(1) + vec_agg
+        return dx, dvec
+
+
+class ETRepresentation(nn.Module):
+    """Equivariant Transformer: ``(z, pos, batch) -> (x [N, F], vec [N, 3, F])``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        f = config.hidden_channels
+        self.hidden_channels = f
+        self.cutoff = float(config.cutoff)
+        self.max_z = int(config.max_z)
+        self.embedding = nn.Embedding(config.max_z + 1, f)
+        self.distance_expansion = ExpNormalSmearing(config.cutoff, config.num_rbf, trainable=True)
+        self.cutoff_fn = CosineCutoff(config.cutoff)
+        self.neighbor_embedding = (
+            NeighborEmbedding(f, config.num_rbf, config.cutoff, config.max_z)
+            if config.neighbor_embedding
+            else None
+        )
+        self.layers = nn.ModuleList(
+            [
+                EquivariantAttention(
+                    f,
+                    config.num_rbf,
+                    config.num_heads,
+                    config.activation,
+                    config.attn_activation,
+                    config.vector_cutoff,
+                )
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.out_norm = nn.LayerNorm(f)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.embedding.reset_parameters()
+        if self.neighbor_embedding is not None:
+            self.neighbor_embedding.reset_parameters()
+        for layer in self.layers:
+            layer.reset_parameters()
+        self.out_norm.reset_parameters()
+
+    @torch.jit.unused
+    def _radius_graph(self, pos: Tensor, batch: Optional[Tensor]) -> Tensor:
+        return radius_graph(pos.detach(), batch, self.cutoff)
+
+    def forward(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Optional[Tensor] = None,
+        edge_index: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Scalars ``[N, F]`` and vectors ``[N, 3, F]``; the radius graph is built from ``pos``
+        when ``edge_index`` is not given (TorchScript needs it given)."""
+        n = z.shape[0]
+        if edge_index is None:
+            edge_index = self._radius_graph(pos, batch)
+        idx_i, idx_j = edge_index[0], edge_index[1]
+
+        # geometry of the real edges (differentiable w.r.t. pos)
+        edge_vec = pos.index_select(0, idx_j) - pos.index_select(0, idx_i)
+        r = torch.linalg.vector_norm(edge_vec, dim=-1)
+        unit = edge_vec / r.unsqueeze(-1)
+
+        # self loops for the attention layers: distance 0, zero direction
+        loops = torch.arange(n, device=z.device, dtype=idx_i.dtype)
+        att_i = torch.cat([idx_i, loops])
+        att_j = torch.cat([idx_j, loops])
+        att_r = torch.cat([r, r.new_zeros(n)])
+        att_unit = torch.cat([unit, unit.new_zeros(n, 3)])
+        att_rbf = self.distance_expansion(att_r)
+        att_cut = self.cutoff_fn(att_r)
+
+        x = self.embedding(z)
+        if self.neighbor_embedding is not None:
+            n_edges = idx_i.shape[0]
+            x = self.neighbor_embedding(z, x, idx_i, idx_j, r, att_rbf[:n_edges])
+
+        vec = x.new_zeros(n, 3, self.hidden_channels)
+        for layer in self.layers:
+            dx, dvec = layer(x, vec, att_i, att_j, att_cut, att_rbf, att_unit)
+            x = x + dx
+            vec = vec + dvec
+        x = self.out_norm(x)
+        return x, vec

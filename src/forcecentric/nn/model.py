@@ -1,0 +1,227 @@
+"""The force field: ET representation + energy head + priors; forces = -dE/dpos by autograd."""
+
+from collections.abc import Mapping
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, validate
+from .et import ETRepresentation
+from .heads import EnergyHead, VectorHead
+from .neighbors import radius_graph
+from .priors import AtomrefLike, EnergyPrior
+
+__all__ = ["ForceField"]
+
+
+class ForceField(nn.Module):
+    """Conservative machine-learned force field (Equivariant Transformer).
+
+    ``forward(z, pos, batch)`` returns a dict with ``energy [B]`` (eV), ``forces [N, 3]``
+    (eV/Å, ``-dE/dpos``) and, with ``config.denoise_head``, ``noise_pred [N, 3]`` from a separate
+    equivariant head on the shared representation.
+    """
+
+    __jit_unused_properties__ = ["energy_scale", "energy_shift", "atomref"]
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if isinstance(config, Mapping):
+            config = validate(ModelConfig, dict(config), "<model config>")
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.cutoff = float(config.cutoff)
+        self.representation = ETRepresentation(config)
+        self.energy_head = EnergyHead(config.hidden_channels, config.activation)
+        self.denoise_head: Optional[VectorHead] = (
+            VectorHead(config.hidden_channels, config.activation) if config.denoise_head else None
+        )
+        self.prior = EnergyPrior(config.max_z)
+
+    # ------------------------------------------------------------------ prior buffers
+    @property
+    def energy_scale(self) -> Tensor:
+        return self.prior.energy_scale
+
+    @property
+    def energy_shift(self) -> Tensor:
+        return self.prior.energy_shift
+
+    @property
+    def atomref(self) -> Tensor:
+        return self.prior.atomref
+
+    def set_normalization(
+        self,
+        scale: "float | Tensor | None" = None,
+        shift: "float | Tensor | None" = None,
+        atomref: "AtomrefLike | None" = None,
+    ) -> None:
+        """Set the energy standardization (``scale``, per-atom ``shift``, eV) and/or the
+        per-element reference energies (``{Z: eV}`` or a tensor indexed by Z). ``None`` keeps
+        the current value."""
+        self.prior.set(scale=scale, shift=shift, atomref=atomref)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Optional[Tensor] = None,
+        n_graphs: Optional[int] = None,
+        compute_forces: bool = True,
+        create_graph: Optional[bool] = None,
+        edge_index: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """Energies and forces.
+
+        Args:
+            z: ``[N]`` atomic numbers (long).
+            pos: ``[N, 3]`` positions in Å, same dtype as the model.
+            batch: ``[N]`` molecule index per atom; ``None`` = one molecule.
+            n_graphs: number of molecules ``B`` (default ``batch.max() + 1``).
+            compute_forces: compute ``forces = -dE/dpos``.
+            create_graph: keep the graph of the forces (for force losses / second backward).
+                Default: ``self.training and torch.is_grad_enabled()``.
+            edge_index: optional precomputed full radius graph ``[2, E]`` (as returned by
+                :func:`~forcecentric.nn.radius_graph` with ``config.cutoff``); built from
+                ``pos`` when omitted (a TorchScript-compiled model needs it given).
+
+        Returns:
+            ``energy [B]`` (eV), ``forces [N, 3]`` (eV/Å) when ``compute_forces``, and
+            ``noise_pred [N, 3]`` when the model has a denoising head.
+
+        Graph handling: when ``create_graph`` is false the returned tensors keep an autograd
+        graph only if gradients are enabled and either the caller's ``pos`` requires grad (the
+        caller's graph is never cut: ``energy`` stays differentiable w.r.t. it) or the model is in
+        training mode; otherwise they are detached, so inference holds no graph. Works under
+        ``torch.no_grad()`` (grad is enabled locally for the positions only).
+        """
+        n_atoms = z.shape[0]
+        if pos.dim() != 2 or pos.shape[0] != n_atoms or pos.shape[1] != 3:
+            raise ValueError(f"pos must have shape [{n_atoms}, 3], got {list(pos.shape)}")
+        if pos.dtype != self.prior.atomref.dtype:
+            raise TypeError(
+                f"pos is {pos.dtype} but the model is {self.prior.atomref.dtype}; cast the "
+                "positions or convert the model (e.g. model.double())"
+            )
+        if batch is None:
+            batch = torch.zeros(n_atoms, dtype=torch.long, device=z.device)
+        if n_graphs is None:
+            n_graphs = int(batch.max()) + 1 if n_atoms > 0 else 1
+        outer_grad = torch.is_grad_enabled()
+        if create_graph is None:
+            make_graph = self.training and outer_grad
+        else:
+            make_graph = create_graph
+        if edge_index is None:
+            edge_index = self._radius_graph(pos, batch)
+
+        if not compute_forces:
+            return self._energy(z, pos, batch, n_graphs, edge_index)
+
+        caller_pos_grad = pos.requires_grad
+        keep_graph = make_graph or (outer_grad and (caller_pos_grad or self.training))
+        if torch.jit.is_scripting():
+            # TorchScript has no ``torch.enable_grad()`` context manager
+            torch.set_grad_enabled(True)
+            out = self._energy_and_forces(
+                z, pos, batch, n_graphs, edge_index, make_graph, keep_graph
+            )
+            torch.set_grad_enabled(outer_grad)
+        else:
+            out = self._energy_and_forces_eager(
+                z, pos, batch, n_graphs, edge_index, make_graph, keep_graph
+            )
+        if not keep_graph:
+            out = {k: v.detach() for k, v in out.items()}
+        return out
+
+    @torch.jit.unused
+    def _energy_and_forces_eager(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Tensor,
+        n_graphs: int,
+        edge_index: Tensor,
+        make_graph: bool,
+        keep_graph: bool,
+    ) -> Dict[str, Tensor]:
+        if torch.is_inference_mode_enabled():
+            # inference tensors cannot enter an autograd graph: leave inference mode locally
+            # and work on ordinary copies (the results are plain tensors without graph)
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._energy_and_forces(
+                    z.clone(),
+                    pos.clone(),
+                    batch.clone(),
+                    n_graphs,
+                    edge_index.clone(),
+                    False,
+                    False,
+                )
+        with torch.enable_grad():
+            return self._energy_and_forces(
+                z, pos, batch, n_graphs, edge_index, make_graph, keep_graph
+            )
+
+    def _energy_and_forces(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Tensor,
+        n_graphs: int,
+        edge_index: Tensor,
+        make_graph: bool,
+        keep_graph: bool,
+    ) -> Dict[str, Tensor]:
+        # positions the forces are taken with respect to; the caller's tensor itself when it
+        # already requires grad (so the caller's graph stays connected)
+        p = pos if pos.requires_grad else pos.detach().requires_grad_(True)
+        out = self._energy(z, p, batch, n_graphs, edge_index)
+        energy = out["energy"]
+        grad: Optional[Tensor] = None
+        if energy.requires_grad:
+            grads = torch.autograd.grad(
+                [energy.sum()],
+                [p],
+                retain_graph=keep_graph,
+                create_graph=make_graph,
+                allow_unused=True,
+            )
+            grad = grads[0]
+        if grad is None:
+            out["forces"] = torch.zeros_like(pos)
+        else:
+            out["forces"] = -grad
+        return out
+
+    @torch.jit.unused
+    def _radius_graph(self, pos: Tensor, batch: Tensor) -> Tensor:
+        # not scriptable (vesin + Python); a scripted model needs ``torch.jit.ignore`` here
+        return radius_graph(pos.detach(), batch, self.cutoff)
+
+    def _energy(
+        self, z: Tensor, pos: Tensor, batch: Tensor, n_graphs: int, edge_index: Tensor
+    ) -> Dict[str, Tensor]:
+        x, vec = self.representation(z, pos, batch, edge_index)
+        atom_energy = self.prior(self.energy_head(x, vec), z)
+        energy = atom_energy.new_zeros(n_graphs).index_add(0, batch, atom_energy)
+        out = {"energy": energy}
+        if self.denoise_head is not None:
+            out["noise_pred"] = self.denoise_head(x, vec)
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"hidden_channels={c.hidden_channels}, num_layers={c.num_layers}, "
+            f"num_heads={c.num_heads}, num_rbf={c.num_rbf}, cutoff={c.cutoff}, "
+            f"denoise_head={c.denoise_head}"
+        )

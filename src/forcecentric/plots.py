@@ -1,0 +1,106 @@
+"""PNG plots people look at: learning curves and parity plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _write_png(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def learning_curve(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
+    """Plot the per-epoch train / val loss terms and MAEs logged by Lightning's CSV logger."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    with metrics_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        epoch = row.get("epoch")
+        if epoch in (None, ""):
+            continue
+        for key, value in row.items():
+            if not value or key in ("epoch", "step") or key.endswith("_step"):
+                continue
+            if not (key.startswith("val/") or key.endswith("_epoch") or key == "lr-AdamW"):
+                continue
+            try:
+                series.setdefault(key.replace("_epoch", ""), []).append((float(epoch), float(value)))
+            except ValueError:
+                continue
+    if not series:
+        return None
+    loss_keys = sorted(k for k in series if k.split("/")[-1] in ("loss", "force", "zero_force", "denoise", "energy"))
+    mae_keys = sorted(k for k in series if k.endswith("_mae"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in loss_keys:
+        xs, ys = zip(*series[key])
+        if any(y > 0 for y in ys):
+            axes[0].plot(xs, ys, label=key, ls="-" if key.startswith("train") else "--")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss term")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("loss terms")
+    for key in mae_keys:
+        xs, ys = zip(*series[key])
+        axes[1].plot(xs, ys, marker=".", label=key + (" (eV/A)" if "force" in key else " (eV)"))
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("validation MAE")
+    if mae_keys:
+        axes[1].legend(fontsize=7)
+    return _write_png(fig, Path(out_png))
+
+
+def parity(
+    ref_f: np.ndarray,
+    pred_f: np.ndarray,
+    ref_e: np.ndarray | None,
+    pred_e: np.ndarray | None,
+    out_png: str | Path,
+    title: str = "",
+) -> Path:
+    """Predicted vs reference force components (and per-atom-count energies when given)."""
+    n = 2 if ref_e is not None and len(ref_e) else 1
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.5))
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
+    ax.scatter(ref_f.ravel(), pred_f.ravel(), s=2, alpha=0.3)
+    lim = [float(min(ref_f.min(), pred_f.min())), float(max(ref_f.max(), pred_f.max()))]
+    ax.plot(lim, lim, "k--", lw=0.8)
+    mae = float(np.abs(ref_f - pred_f).mean())
+    ax.set_xlabel("reference force component (eV/A)")
+    ax.set_ylabel("predicted (eV/A)")
+    ax.set_title(f"forces  MAE {mae * 1000:.1f} meV/A")
+    if n == 2:
+        ax = axes[1]
+        ax.scatter(ref_e, pred_e, s=6, alpha=0.5)
+        lim = [float(min(ref_e.min(), pred_e.min())), float(max(ref_e.max(), pred_e.max()))]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        emae = float(np.abs(ref_e - pred_e).mean())
+        ax.set_xlabel("reference energy (eV)")
+        ax.set_ylabel("predicted (eV)")
+        ax.set_title(f"energy  MAE {emae * 1000:.1f} meV")
+        if math.isfinite(lim[0]) and lim[1] - lim[0] > 0:
+            ax.set_xlim(lim)
+            ax.set_ylim(lim)
+    if title:
+        fig.suptitle(title)
+    return _write_png(fig, Path(out_png))

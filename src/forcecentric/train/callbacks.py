@@ -1,0 +1,77 @@
+"""Callbacks beyond Lightning's own: learning-curve PNG after each validation epoch."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class LearningCurvePlot(pl.Callback):
+    """Redraws ``learning_curve.png`` in the run directory from the CSV metrics."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        from ..plots import learning_curve
+
+        for logger in trainer.loggers:
+            if hasattr(logger, "save"):
+                logger.save()
+        learning_curve(self.run_dir / "metrics.csv", self.run_dir / "learning_curve.png")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._draw(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw(trainer)
+
+
+class RunDirCSVLogger(CSVLogger):
+    """Lightning's CSV logger writing ``metrics.csv`` straight into the run directory and
+    appending to it on ``--resume`` (Lightning's own writer deletes an existing file)."""
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+        self._run_dir = str(run_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return self._run_dir
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            Path(self._run_dir).mkdir(parents=True, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self._run_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # keep earlier rows; continue with the existing header
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as fh:
+                header = next(csv.reader(fh), [])
+            self.metrics_keys = list(header)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes Lightning checkpoints to a temporary file and renames it into place, so a run
+    killed while saving (or a full disk) never leaves a truncated ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from ..checkpoint import atomic_torch_save
+
+        atomic_torch_save(checkpoint, path)

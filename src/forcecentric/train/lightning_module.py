@@ -1,0 +1,115 @@
+"""Lightning module: the force-centric objective around a plain ``ForceField``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ..config import RunConfig
+from ..data.dataset import Batch
+from ..errors import TrainingDivergedError
+from ..nn.model import ForceField
+from ..objectives import make_views, total_loss
+
+
+class ForceFieldModule(pl.LightningModule):
+    """Trains a :class:`ForceField` with force matching, zero-force regularization, denoising
+    and (optionally) an energy term. Validation reports each loss term plus force and energy MAE.
+    """
+
+    def __init__(self, config: RunConfig, model: ForceField | None = None):
+        super().__init__()
+        self.config = config
+        self.model = model if model is not None else ForceField(config.model)
+        self.save_hyperparameters({"config": config.model_dump(mode="json")})
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: Batch, stage: str, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        batch = batch.to(dtype=self.dtype) if batch.pos.dtype != self.dtype else batch
+        views = make_views(batch, self.config.loss, generator)
+        b = views.batch
+        out = self.model(b.z, b.pos, b.batch, b.n_graphs, compute_forces=True, create_graph=stage == "train")
+        terms = total_loss(out, views, self.config.loss)
+        if not torch.isfinite(terms["loss"]):
+            bad = {k: float(v.detach()) for k, v in terms.items()}
+            raise TrainingDivergedError(
+                f"{stage} loss became non-finite at epoch {self.current_epoch}, step "
+                f"{self.global_step}: {bad}. No checkpoint was written for this state; lower "
+                "optim.lr, enable optim.gradient_clip, or check the data for outliers."
+            )
+        n = batch.n_graphs
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value.detach(), batch_size=n, prog_bar=name == "loss",
+                     on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+        if stage != "train":
+            self._log_mae(out, views, stage, n)
+        return terms
+
+    def _log_mae(self, out, views, stage: str, n: int) -> None:
+        b = views.batch
+        fa = views.force_atoms
+        if bool(fa.any()):
+            mae = (out["forces"][fa] - b.forces[fa]).abs().mean()
+            self.log(f"{stage}/force_mae", mae, batch_size=int(fa.sum()), sync_dist=True)
+        eg = b.has_energy & ~b.equilibrium
+        eg = eg & (torch.arange(b.n_graphs, device=eg.device) < n)
+        if bool(eg.any()):
+            err = (out["energy"][eg].double() - b.energy[eg].double()).abs()
+            self.log(f"{stage}/energy_mae", err.mean(), batch_size=int(eg.sum()), sync_dist=True)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        # the same noise on every validation pass, so val/denoise is comparable across epochs
+        gen = torch.Generator(device=batch.pos.device).manual_seed(self.config.seed + batch_idx)
+        with torch.enable_grad():
+            self._step(batch, "val", gen)
+
+    # ------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        o = self.config.optim
+        opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if o.schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss",
+                                                       "interval": "epoch", "strict": False}}
+        if o.schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warm = o.warmup_steps
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return 1.0
+                t = min(1.0, (step - warm) / max(1, total - warm))
+                floor = o.min_lr / o.lr
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # linear warm-up on top of whichever schedule is active (as TorchMD-Net does)
+        o = self.config.optim
+        step = self.trainer.global_step
+        if o.warmup_steps > 0 and step < o.warmup_steps:
+            scale = (step + 1) / o.warmup_steps
+            for group in optimizer.param_groups:
+                group["lr"] = scale * o.lr
+        elif o.warmup_steps > 0 and step == o.warmup_steps and o.schedule != "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = o.lr
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # metadata that lets forcecentric.load() read this Lightning checkpoint on its own
+        from ..checkpoint import model_payload
+
+        checkpoint["forcecentric"] = model_payload(self.model, task=self.config.task)

@@ -1,0 +1,175 @@
+"""Run a pre-training or fine-tuning job end to end.
+
+One run directory holds the resolved ``config.yaml``, Lightning's ``metrics.csv``, the
+``learning_curve.png``, ``checkpoints/`` (``last.ckpt`` for ``--resume``, the best one by
+``val/loss``), the exported ``model.ckpt`` and ``metrics.json`` with validation and test errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from .. import __version__
+from ..checkpoint import load, save_model
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..evaluation import check_elements, evaluate, fit_atomrefs, write_json
+from ..nn.model import ForceField
+from .callbacks import AtomicCheckpointIO, LearningCurvePlot, RunDirCSVLogger
+from .datamodule import ForceFieldDataModule, force_rms
+from .lightning_module import ForceFieldModule
+
+log = logging.getLogger("forcecentric")
+
+
+def _init_model(cfg: RunConfig, dm: ForceFieldDataModule) -> ForceField:
+    """Fresh weights, or the weights of ``cfg.init_from`` (representation and fitting heads)."""
+    train = dm.train_set.records
+    if cfg.init_from:
+        base = load(cfg.init_from)
+        model = ForceField(cfg.model)
+        src = base.state_dict()
+        dst = model.state_dict()
+        if base.config.model_dump() != cfg.model.model_dump():
+            # the representation must match; heads that differ (e.g. a new denoise head) start fresh
+            mismatch = {k for k in ("hidden_channels", "num_layers", "num_heads", "num_rbf", "cutoff", "max_z")
+                        if getattr(base.config, k) != getattr(cfg.model, k)}
+            if mismatch:
+                raise ConfigError(
+                    f"model config differs from the checkpoint {cfg.init_from!r} in {sorted(mismatch)}: "
+                    f"checkpoint has {base.config.model_dump()}"
+                )
+        loaded = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+        dst.update(loaded)
+        model.load_state_dict(dst)
+        model.elements = sorted(set(base.elements) | set(dm.train_set.elements()))
+        model.metadata = {"pretrained_from": str(cfg.init_from), "pretraining_data": base.metadata.get("data")}
+        log.info("initialised %d/%d tensors from %s", len(loaded), len(dst), cfg.init_from)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = ForceField(cfg.model)
+        model.elements = dm.train_set.elements()
+        model.metadata = {}
+        rms = force_rms(train)
+        model.set_normalization(scale=rms if rms else 1.0, shift=0.0)
+    if cfg.fit_energy_reference and any(r.energy is not None for r in train):
+        if cfg.init_from is None:
+            model.set_normalization(atomref=torch.zeros_like(model.atomref))
+        refs = fit_atomrefs(model, train)
+        new = model.atomref.clone()
+        for z, v in refs.items():
+            new[z] += v
+        model.set_normalization(atomref=new)
+        log.info("fitted reference energies (eV): %s", refs)
+    return model
+
+
+def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
+    from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
+                                             ModelCheckpoint, TQDMProgressBar)
+
+    t = cfg.trainer
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss",
+                        mode="min", save_top_k=1, save_last=True),
+        LearningRateMonitor(logging_interval="epoch"),
+        LearningCurvePlot(run_dir),
+    ]
+    if t.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience))
+    if cfg.optim.ema_decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
+
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        max_time={"minutes": t.max_time_minutes} if t.max_time_minutes else None,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision="64-true" if t.precision == "64" else "32-true",
+        gradient_clip_val=cfg.optim.gradient_clip,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        callbacks=callbacks,
+        logger=RunDirCSVLogger(run_dir),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        inference_mode=False,  # validation needs autograd for the forces
+        deterministic=False,
+        num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Train according to ``cfg``; return the final metrics (also written to ``metrics.json``)."""
+    run_dir = Path(cfg.run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: no checkpoint {str(last)!r} to resume from")
+        saved = run_dir / "config.yaml"
+        if saved.is_file():
+            old = yaml.safe_load(saved.read_text())
+            if old != cfg.model_dump(mode="json"):
+                log.warning("config differs from the one the run started with; using the new one")
+    elif last.is_file():
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it or "
+            "choose another run_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # expected situations in this workflow, not problems: small datasets, reused run dirs on resume
+    for msg in ("The number of training batches", "Experiment logs directory", "Checkpoint directory",
+                "`isinstance\\(treespec, LeafSpec\\)`", "litlogger"):
+        warnings.filterwarnings("ignore", message=f".*{msg}")
+    t0 = time.time()
+
+    dm = ForceFieldDataModule(cfg.data, seed=cfg.seed)
+    dm.setup("fit")
+    model = _init_model(cfg, dm)
+    model.metadata["data"] = dm.describe()
+    module = ForceFieldModule(cfg, model)
+    trainer = _trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+
+    # best weights (EMA weights when EMA is on) -> self-contained model.ckpt
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    final = load(best) if best else module.model.eval()
+    final.metadata = dict(model.metadata)
+    final.elements = list(model.elements)
+    dtype = torch.float64 if cfg.trainer.precision == "64" else torch.float32
+    final = final.to(dtype)
+    metrics: dict[str, Any] = {
+        "task": cfg.task,
+        "run_dir": str(run_dir),
+        "epochs": int(trainer.current_epoch),
+        "global_steps": int(trainer.global_step),
+        "wall_time_s": round(time.time() - t0, 1),
+        "num_parameters": sum(p.numel() for p in final.parameters()),
+        "package_version": __version__,
+        "train_size": len(dm.train_set),
+    }
+    metrics["val"] = evaluate(final, dm.val_set.records, run_dir, name="val")
+    if len(dm.test_set):
+        check_elements(final, dm.test_set.records)
+        metrics["test"] = evaluate(final, dm.test_set.records, run_dir, name="test")
+    final.metadata["metrics"] = {k: metrics[k] for k in ("val", "test") if k in metrics}
+    save_model(final, run_dir / "model.ckpt", task=cfg.task, seed=cfg.seed)
+    write_json(metrics, run_dir / "metrics.json")
+    (run_dir / "summary.txt").write_text(json.dumps(metrics, indent=2, default=float))
+    return metrics

@@ -1,0 +1,59 @@
+"""Command line: help texts, evaluate, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from forcecentric.checkpoint import save_model
+from forcecentric.cli import main
+from forcecentric.nn.model import ForceField
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "demo"])
+def test_every_command_has_help_with_defaults(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: forcecentric " + command in text
+    if command in ("pretrain", "finetune", "demo"):
+        assert "default" in text
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "forcecentric.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "forcecentric" in out.stdout
+
+
+def test_evaluate_writes_metrics_and_parity_plot(tmp_path, tiny_config, morse_file, capsys):
+    torch.manual_seed(0)
+    model = ForceField(tiny_config)
+    model.elements = [1, 6, 8]
+    ckpt = save_model(model, tmp_path / "m.ckpt")
+    rc = main(["evaluate", "--model", str(ckpt), "--data", str(morse_file), "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "ev" / "morse_metrics.json").read_text())
+    for key in ("energy_mae", "energy_mae_per_atom", "force_mae", "force_rmse", "force_cos", "force_mae_per_element"):
+        assert key in saved
+    assert set(saved["force_mae_per_element"]) == {"H", "C", "O"}
+    assert printed["force_mae"] == pytest.approx(saved["force_mae"])
+    assert (tmp_path / "ev" / "morse_parity.png").stat().st_size > 1000
+
+
+def test_errors_are_clear_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  layers: 3\n")
+    assert main(["pretrain", "-c", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'model.layers'" in err and "bad.yaml" in err
+    assert main(["evaluate", "--model", str(tmp_path / "none.ckpt"), "--data", "x.xyz"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["pretrain", "-c", "no-such-preset"]) == 2
+    assert "presets" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

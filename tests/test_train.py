@@ -1,0 +1,177 @@
+"""Training: overfitting, run directories, checkpoints, resume, fine-tuning, NaN handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import forcecentric
+from forcecentric.checkpoint import load, save_model
+from forcecentric.config import load_run_config
+from forcecentric.data import read_all
+from forcecentric.data.dataset import collate
+from forcecentric.errors import CheckpointError, ConfigError, TrainingDivergedError
+from forcecentric.nn.model import ForceField
+from forcecentric.objectives import make_views, total_loss
+from forcecentric.train.run import run
+
+
+def _cfg(tmp_path, data_file, **over):
+    base = {
+        "run_dir": str(tmp_path / "run"),
+        "model.hidden_channels": 32, "model.num_layers": 2, "model.num_heads": 4, "model.num_rbf": 16,
+        "data.train": [str(data_file)], "data.n_val": 8, "data.n_test": 8, "data.batch_size": 8,
+        "trainer.max_epochs": 2, "trainer.progress_bar": False, "optim.warmup_steps": 2,
+    }
+    base.update(over)
+    return load_run_config(None, base)
+
+
+def test_tiny_model_overfits_a_few_conformations(tiny_config, morse_file):
+    torch.manual_seed(0)
+    recs = read_all(morse_file)[:4]
+    recs = [r for r in recs if not r.equilibrium][:3]
+    b = collate(recs)
+    model = ForceField(tiny_config)
+    model.set_normalization(scale=float(np.sqrt(np.mean(np.concatenate([r.forces for r in recs]) ** 2))))
+    cfg = load_run_config(None, {"loss.zero_force": 0.0, "loss.denoise": 0.0}).loss
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(300):
+        v = make_views(b, cfg)
+        out = model(v.batch.z, v.batch.pos, v.batch.batch, v.batch.n_graphs, create_graph=True)
+        loss = total_loss(out, v, cfg)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02 * first
+
+
+def test_pretrain_run_writes_a_complete_run_dir(tmp_path, morse_file):
+    cfg = _cfg(tmp_path, morse_file)
+    metrics = run(cfg)
+    d = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "learning_curve.png", "model.ckpt",
+                 "checkpoints/last.ckpt", "test_parity.png", "val_metrics.json"):
+        assert (d / name).is_file(), name
+    saved = json.loads((d / "metrics.json").read_text())
+    assert saved["epochs"] == 2 and np.isfinite(saved["test"]["force_mae"])
+    assert metrics["test"]["n_conformations"] == 8
+    model = forcecentric.load(d / "model.ckpt")
+    assert model.elements == [1, 6, 8]
+    assert model.metadata["data"]["train"]["n_conformations"] == 24
+    assert model.metadata["package_version"] == forcecentric.__version__
+    # the Lightning checkpoint is loadable on its own too
+    lk = load(d / "checkpoints" / "last.ckpt")
+    assert lk.config == model.config
+    # refuses to overwrite a finished run unless resuming
+    with pytest.raises(ConfigError, match="--resume"):
+        run(cfg)
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path, morse_file):
+    run(_cfg(tmp_path, morse_file, **{"trainer.max_epochs": 1}))
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    steps_before = ck["global_step"]
+    metrics = run(_cfg(tmp_path, morse_file, **{"trainer.max_epochs": 3}), resume=True)
+    assert metrics["epochs"] == 3
+    assert metrics["global_steps"] == 3 * steps_before
+    import csv
+
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    # the rows of the first epoch survive the resume
+    assert {int(r["epoch"]) for r in rows if r.get("val/loss")} == {0, 1, 2}
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run(_cfg(tmp_path / "other", morse_file), resume=True)
+
+
+def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path, tiny_config):
+    torch.manual_seed(1)
+    model = ForceField(tiny_config)
+    model.set_normalization(scale=2.0, shift=0.1, atomref={1: -13.6, 8: -2000.0})
+    model.elements = [1, 8]
+    path = save_model(model, tmp_path / "m.ckpt", note="x")
+    back = load(path)
+    z = torch.tensor([8, 1, 1])
+    pos = torch.tensor([[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0.1]])
+    model.eval()
+    a, b = model(z, pos), back(z, pos)
+    assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
+    assert back.metadata["note"] == "x" and back.elements == [1, 8]
+
+
+def test_incompatible_or_broken_checkpoints_are_refused(tmp_path, tiny_config):
+    model = ForceField(tiny_config)
+    path = save_model(model, tmp_path / "m.ckpt")
+    payload = torch.load(path, weights_only=False)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "future.ckpt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load(tmp_path / "future.ckpt")
+    payload["format_version"] = 1
+    payload["package_version"] = "7.0.0"
+    torch.save(payload, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="incompatible"):
+        load(tmp_path / "old.ckpt")
+    (tmp_path / "trunc.ckpt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load(tmp_path / "trunc.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "missing.ckpt")
+
+
+def test_finetune_starts_from_pretrained_weights_and_fits_references(tmp_path, morse_file):
+    run(_cfg(tmp_path, morse_file, run_dir=str(tmp_path / "pre")))
+    pre = load(tmp_path / "pre" / "model.ckpt")
+    cfg = _cfg(tmp_path, morse_file, run_dir=str(tmp_path / "ft"), task="finetune",
+               init_from=str(tmp_path / "pre" / "model.ckpt"), **{"loss.energy": 1.0,
+                                                                   "trainer.max_epochs": 1,
+                                                                   "optim.lr": 1e-12, "optim.ema_decay": None})
+    run(cfg)
+    ft = load(tmp_path / "ft" / "model.ckpt")
+    # lr ~ 0: the representation is the pre-trained one
+    for (k, a), (_, b) in zip(pre.representation.state_dict().items(), ft.representation.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # reference energies fitted on the fine-tuning energies: mean energy error is small
+    from forcecentric.train.datamodule import ForceFieldDataModule
+
+    dm = ForceFieldDataModule(cfg.data, seed=cfg.seed)
+    dm.setup()
+    recs = dm.train_set.records
+    e_ref = np.array([r.energy for r in recs])
+    b = collate(recs)
+    e_pred = ft(b.z, b.pos, b.batch, b.n_graphs)["energy"].detach().numpy()
+    assert abs(np.mean(e_pred - e_ref)) < 0.05 * np.std(e_ref) + 1e-3
+    assert ft.metadata["pretrained_from"].endswith("model.ckpt")
+
+
+def test_nan_loss_stops_training_without_writing_a_checkpoint(tmp_path, morse_file):
+    cfg = _cfg(tmp_path, morse_file, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
+                                        "optim.gradient_clip": None, "optim.schedule": "constant"})
+    with pytest.raises(TrainingDivergedError, match="non-finite"):
+        run(cfg)
+    assert not (tmp_path / "run" / "model.ckpt").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_bad_config_is_reported_with_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  hidden_chanels: 32\noptim:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(p)
+    text = str(info.value)
+    assert "c.yaml" in text and "model.hidden_chanels" in text and "optim.lr" in text
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    from forcecentric.errors import DataError
+
+    with pytest.raises(DataError, match="empty"):
+        run(_cfg(tmp_path, empty))
