@@ -1,0 +1,970 @@
+"""Label molecules with GFN2-xTB: RDKit conformers -> minima, thermal MD and normal-mode samples.
+
+The labeller turns ``(name, SMILES)`` pairs into labelled conformations, each an
+:class:`ase.Atoms` carrying its labels the standard ASE way — a
+:class:`~ase.calculators.singlepoint.SinglePointCalculator` with the energy (eV) and forces (eV/Å)
+— plus these ``atoms.info`` keys:
+
+``equilibrium`` (bool)
+    ``True`` for optimized minima (their near-zero forces are recorded but are not meant as
+    force labels), ``False`` for thermal samples.
+``source`` (str)
+    Name of the data set, e.g. ``"forcecentric-xtb-demo"``.
+``mol_id`` (str), ``smiles`` (str)
+    Molecule name and the SMILES it was built from.
+``level_of_theory`` (str)
+    Always ``"GFN2-xTB"``.
+``charge`` (int)
+    Total charge (sum of the SMILES formal charges).
+``sampling`` (str)
+    ``"minimum"``, ``"md"`` or ``"normal_mode"``.
+``temperature_K`` (float)
+    Temperature of the thermal sample; ``0.0`` for minima.
+
+Pipeline for one molecule (:func:`label_molecule`):
+
+1. :func:`embed` — RDKit ETKDGv3 conformers (hydrogens added), optionally MMFF pre-optimized.
+2. :func:`optimize_minimum` — GFN2-xTB (tblite) BFGS minimization of each conformer, refusing
+   runs that do not converge or in which the bond graph changes (fragmentation,
+   rearrangement); duplicate minima (same sorted interatomic distances and energy) are dropped.
+3. :func:`sample_md` — short Langevin MD from the minima at several temperatures, keeping
+   decorrelated frames after an equilibration.
+4. :func:`sample_normal_modes` — ANI-style normal-mode sampling at temperature (Smith, Isayev &
+   Roitberg, Chem. Sci. 2017) from the GFN2-xTB Hessian of the minima.
+5. :func:`filter_frames` — drops thermal frames with a force component above a bound, atoms
+   closer than a bound, or a molecule that fell apart; every drop is reported.
+
+:func:`label_molecules` runs many molecules in parallel worker processes (one OpenMP thread
+each) and collects failures instead of stopping; :func:`write_extxyz` writes the records
+atomically to an extended-XYZ file that ``ase.io.read(path, ":")`` reads back with energies,
+forces and info keys intact.
+
+Units: Å, eV, eV/Å, K, fs (see ``DESIGN.md`` §5). Randomness: every function takes a seed, and
+the per-molecule streams in :func:`label_molecules` depend only on ``(seed, name)``, so results
+do not depend on the order in which workers finish.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import functools
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from ..errors import DataError
+
+__all__ = [
+    "DEFAULT_SOURCE",
+    "LEVEL_OF_THEORY",
+    "INFO_KEYS",
+    "SAMPLING_KINDS",
+    "embed",
+    "xtb_calculator",
+    "optimize_minimum",
+    "sample_md",
+    "normal_modes",
+    "sample_normal_modes",
+    "filter_frames",
+    "label_molecule",
+    "label_molecules",
+    "write_extxyz",
+]
+
+logger = logging.getLogger(__name__)
+
+LEVEL_OF_THEORY = "GFN2-xTB"
+DEFAULT_SOURCE = "forcecentric-xtb"
+SAMPLING_KINDS = ("minimum", "md", "normal_mode")
+#: The ``atoms.info`` keys every labelled record carries, in this order.
+INFO_KEYS = (
+    "equilibrium",
+    "source",
+    "mol_id",
+    "smiles",
+    "level_of_theory",
+    "charge",
+    "sampling",
+    "temperature_K",
+)
+
+# Bond detection: two atoms are bonded when closer than mult * (r_cov,i + r_cov,j).
+_BOND_MULT_MINIMUM = 1.2  # near a minimum: tight, catches rearrangements
+_BOND_MULT_FRAME = 1.5  # thermal frames: loose, only a real dissociation counts
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _one_openmp_thread(func):
+    """Run ``func`` with OpenMP limited to one thread (if threadpoolctl is available).
+
+    GFN2-xTB on molecules of a few dozen atoms gains nothing from threads, and tblite's OpenMP
+    threads spin-wait: when the cores are shared (parallel workers, other jobs) a threaded
+    run is 5-30x slower. The limit is lifted again when ``func`` returns.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - optional
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = threadpool_limits(1, user_api="openmp")
+        with ctx:
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _name_of(atoms: Atoms) -> str:
+    return str(atoms.info.get("mol_id", atoms.get_chemical_formula()))
+
+
+def _bond_graph(atoms: Atoms, mult: float):
+    """Sparse symmetric connectivity matrix from ASE natural (covalent) cutoffs."""
+    from ase.neighborlist import NeighborList, natural_cutoffs
+
+    nl = NeighborList(
+        natural_cutoffs(atoms, mult=mult), self_interaction=False, bothways=True, skin=0.0
+    )
+    nl.update(atoms)
+    return nl.get_connectivity_matrix(sparse=True).tocsr()
+
+
+def _n_fragments(atoms: Atoms, mult: float = _BOND_MULT_FRAME) -> int:
+    """Number of covalently connected fragments of ``atoms``."""
+    from scipy.sparse.csgraph import connected_components
+
+    if len(atoms) == 1:
+        return 1
+    return int(connected_components(_bond_graph(atoms, mult), directed=False)[0])
+
+
+def _bond_set(atoms: Atoms, mult: float) -> set[tuple[int, int]]:
+    graph = _bond_graph(atoms, mult).tocoo()
+    return {(int(i), int(j)) for i, j in zip(graph.row, graph.col) if i < j}
+
+
+def _min_distance(positions: np.ndarray) -> float:
+    if len(positions) < 2:
+        return math.inf
+    d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+    return float(d[np.triu_indices(len(positions), k=1)].min())
+
+
+def _check_finite(name: str, what: str, energy: float, forces: np.ndarray) -> None:
+    if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+        raise DataError(
+            f"molecule {name!r}: GFN2-xTB returned a non-finite energy or force for {what}"
+        )
+
+
+def _record(
+    atoms: Atoms,
+    energy: float,
+    forces: np.ndarray,
+    *,
+    equilibrium: bool,
+    sampling: str,
+    temperature: float,
+    source: str | None = None,
+) -> Atoms:
+    """A fresh labelled :class:`Atoms` (positions copied, labels in a SinglePointCalculator)."""
+    if sampling not in SAMPLING_KINDS:
+        raise ValueError(f"sampling must be one of {SAMPLING_KINDS}, got {sampling!r}")
+    name = _name_of(atoms)
+    forces = np.array(forces, dtype=float, copy=True)
+    _check_finite(name, f"a {sampling} frame", float(energy), forces)
+    out = Atoms(numbers=atoms.get_atomic_numbers(), positions=atoms.get_positions())
+    out.info = {
+        "equilibrium": bool(equilibrium),
+        "source": str(source if source is not None else atoms.info.get("source", DEFAULT_SOURCE)),
+        "mol_id": name,
+        "smiles": str(atoms.info.get("smiles", "")),
+        "level_of_theory": LEVEL_OF_THEORY,
+        "charge": int(atoms.info.get("charge", 0)),
+        "sampling": sampling,
+        "temperature_K": float(temperature),
+    }
+    out.calc = SinglePointCalculator(out, energy=float(energy), forces=forces)
+    return out
+
+
+def _fresh_labels(atoms: Atoms, accuracy: float = 1.0) -> tuple[float, np.ndarray]:
+    """GFN2-xTB energy and forces of ``atoms`` from a new calculator (SAD guess, no history).
+
+    Labels never come from the calculator that drove an optimization or a trajectory: its
+    wavefunction restart makes results depend (slightly) on the path, and a constraint such as
+    ``FixCom`` would alter the forces. A fresh call is reproducible from the geometry alone.
+    """
+    work = Atoms(numbers=atoms.get_atomic_numbers(), positions=atoms.get_positions())
+    work.calc = xtb_calculator(int(atoms.info.get("charge", 0)), accuracy)
+    return float(work.get_potential_energy()), work.get_forces(apply_constraint=False)
+
+
+def _seed_int(seed: int | np.random.SeedSequence) -> int:
+    """A 31-bit integer seed (RDKit wants a signed int) from an int or SeedSequence."""
+    if isinstance(seed, np.random.SeedSequence):
+        return int(seed.generate_state(1, dtype=np.uint32)[0] & 0x7FFFFFFF)
+    return int(seed) & 0x7FFFFFFF
+
+
+def _rng(seed: int | np.random.SeedSequence) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def embed(
+    smiles: str,
+    n_conformers: int,
+    seed: int = 0,
+    *,
+    mmff: bool = True,
+    name: str | None = None,
+) -> list[Atoms]:
+    """Embed 3D conformers of a SMILES with RDKit ETKDGv3 (hydrogens added).
+
+    Args:
+        smiles: A single connected, closed-shell molecule.
+        n_conformers: How many conformers to embed (RDKit may return fewer for tiny molecules).
+        seed: ETKDG random seed.
+        mmff: Pre-optimize each conformer with MMFF94 when RDKit has parameters for it.
+        name: Molecule name, stored as ``info["mol_id"]`` (defaults to the SMILES).
+
+    Returns:
+        Unlabelled conformers with ``info`` keys ``mol_id``, ``smiles`` and ``charge``.
+
+    Raises:
+        DataError: unparsable SMILES, several fragments, open shell, or embedding failure.
+    """
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    name = smiles if name is None else name
+    if n_conformers < 1:
+        raise ValueError(f"n_conformers must be >= 1, got {n_conformers}")
+    mol = Chem.MolFromSmiles(smiles) if isinstance(smiles, str) and smiles else None
+    if mol is None:
+        raise DataError(f"molecule {name!r}: RDKit cannot parse SMILES {smiles!r}")
+    if len(Chem.GetMolFrags(mol)) != 1:
+        raise DataError(
+            f"molecule {name!r}: SMILES {smiles!r} has several disconnected fragments; "
+            "only single molecules are supported"
+        )
+    n_radical = sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms())
+    if n_radical:
+        raise DataError(
+            f"molecule {name!r}: SMILES {smiles!r} is open-shell ({n_radical} radical "
+            "electrons); only closed-shell molecules are supported"
+        )
+    charge = int(Chem.GetFormalCharge(mol))
+    mol = Chem.AddHs(mol)
+
+    params = AllChem.ETKDGv3()
+    params.randomSeed = _seed_int(seed)
+    params.numThreads = 1
+    conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
+    if not conf_ids:
+        # Large or strained systems sometimes need random initial coordinates.
+        params.useRandomCoords = True
+        conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
+    if not conf_ids:
+        raise DataError(f"molecule {name!r}: RDKit ETKDG could not embed SMILES {smiles!r}")
+    if mmff and AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=2000)
+
+    numbers = [a.GetAtomicNum() for a in mol.GetAtoms()]
+    out = []
+    for cid in conf_ids:
+        atoms = Atoms(numbers=numbers, positions=mol.GetConformer(cid).GetPositions())
+        atoms.info.update(mol_id=str(name), smiles=str(smiles), charge=charge)
+        out.append(atoms)
+    return out
+
+
+def xtb_calculator(charge: int = 0, accuracy: float = 1.0):
+    """A tblite ASE calculator for GFN2-xTB (closed shell, silent).
+
+    tblite is imported here, not at module import, so worker processes can set
+    ``OMP_NUM_THREADS`` before its OpenMP runtime starts.
+    """
+    from tblite.ase import TBLite
+
+    return TBLite(method="GFN2-xTB", charge=int(charge), accuracy=float(accuracy), verbosity=0)
+
+
+@_one_openmp_thread
+def optimize_minimum(
+    atoms: Atoms,
+    fmax: float = 0.01,
+    steps: int = 500,
+    *,
+    accuracy: float = 1.0,
+    source: str | None = None,
+) -> Atoms:
+    """Minimize a conformer with GFN2-xTB (ASE BFGS) and return it labelled as a minimum.
+
+    Args:
+        atoms: A conformer from :func:`embed` (``info`` gives ``mol_id``, ``smiles``, ``charge``).
+        fmax: Convergence threshold on the largest atomic force norm (eV/Å).
+        steps: Maximum number of optimizer steps.
+        accuracy: tblite accuracy (lower is tighter).
+        source: ``info["source"]`` of the record.
+
+    Returns:
+        A new labelled :class:`Atoms` with ``equilibrium=True``, ``sampling="minimum"``,
+        ``temperature_K=0.0``; its recorded forces are the (near-zero) GFN2-xTB forces.
+
+    Raises:
+        DataError: not converged within ``steps``, or the bond graph changed during the
+        optimization (the molecule fragmented or rearranged into something else).
+    """
+    from ase.optimize import BFGS
+
+    name = _name_of(atoms)
+    work = atoms.copy()
+    work.info = dict(atoms.info)
+    n_frag0 = _n_fragments(work, _BOND_MULT_MINIMUM)
+    bonds0 = _bond_set(work, _BOND_MULT_MINIMUM)
+    work.calc = xtb_calculator(int(atoms.info.get("charge", 0)), accuracy)
+    opt = BFGS(work, logfile=None)
+    opt.run(fmax=fmax, steps=steps)
+    energy, forces = _fresh_labels(work, accuracy)
+    _check_finite(name, "a geometry optimization", energy, forces)
+    fmax_reached = float(np.linalg.norm(forces, axis=1).max())
+    if fmax_reached >= fmax and opt.nsteps < steps:
+        # Converged with the restarted wavefunction but not quite from a fresh start
+        # (differences ~1e-4 eV/Å): tighten a little within the remaining budget.
+        opt.run(fmax=0.5 * fmax, steps=steps - opt.nsteps)
+        energy, forces = _fresh_labels(work, accuracy)
+        _check_finite(name, "a geometry optimization", energy, forces)
+        fmax_reached = float(np.linalg.norm(forces, axis=1).max())
+    n_frag1 = _n_fragments(work, _BOND_MULT_MINIMUM)
+    if n_frag1 > n_frag0:
+        raise DataError(
+            f"molecule {name!r}: fragmented during GFN2-xTB optimization "
+            f"({n_frag0} -> {n_frag1} covalently bonded fragments)"
+        )
+    bonds1 = _bond_set(work, _BOND_MULT_MINIMUM)
+    if bonds1 != bonds0:
+        broken = sorted(bonds0 - bonds1)
+        formed = sorted(bonds1 - bonds0)
+        raise DataError(
+            f"molecule {name!r}: bonds changed during GFN2-xTB optimization "
+            f"(broken {broken}, formed {formed}); the minimum is not the input molecule"
+        )
+    if fmax_reached >= fmax:
+        raise DataError(
+            f"molecule {name!r}: GFN2-xTB optimization did not converge in {steps} steps "
+            f"(max force {fmax_reached:.4f} eV/Å > fmax {fmax} eV/Å)"
+        )
+    return _record(
+        work, energy, forces, equilibrium=True, sampling="minimum", temperature=0.0, source=source
+    )
+
+
+@_one_openmp_thread
+def sample_md(
+    minimum: Atoms,
+    temperatures: Sequence[float] = (300.0, 600.0, 900.0),
+    n_frames: int = 10,
+    interval_steps: int = 40,
+    timestep_fs: float = 0.5,
+    seed: int | np.random.SeedSequence = 0,
+    *,
+    equilibration_steps: int = 200,
+    friction_per_fs: float = 0.02,
+    accuracy: float = 1.0,
+    source: str | None = None,
+) -> list[Atoms]:
+    """Short GFN2-xTB Langevin MD from a minimum; keep labelled frames at a fixed interval.
+
+    For each temperature: Maxwell–Boltzmann velocities at ``T`` (no net momentum or rotation),
+    ``equilibration_steps`` discarded, then ``n_frames`` frames kept every ``interval_steps``.
+
+    Args:
+        minimum: Start geometry (a record from :func:`optimize_minimum`).
+        temperatures: Thermostat temperatures in K (one trajectory each).
+        n_frames: Frames kept per temperature.
+        interval_steps: MD steps between kept frames (decorrelation).
+        timestep_fs: Time step in fs.
+        seed: Seed for velocities and the Langevin noise.
+        equilibration_steps: Steps discarded before the first frame.
+        friction_per_fs: Langevin friction in 1/fs.
+        accuracy: tblite accuracy.
+        source: ``info["source"]`` of the records.
+
+    Returns:
+        Labelled frames with ``equilibrium=False``, ``sampling="md"``, ``temperature_K=T``.
+    """
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
+
+    try:  # ASE >= 3.29
+        from ase.md.velocitydistribution import thermalize_momenta as thermalize
+    except ImportError:  # pragma: no cover - older ASE
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize
+
+    if n_frames < 0 or interval_steps < 1 or equilibration_steps < 0:
+        raise ValueError("need n_frames >= 0, interval_steps >= 1, equilibration_steps >= 0")
+    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    frames: list[Atoms] = []
+    temps = list(temperatures)
+    for T, child in zip(temps, seq.spawn(len(temps))):
+        if n_frames == 0:
+            continue
+        rng = _rng(child)
+        atoms = Atoms(numbers=minimum.get_atomic_numbers(), positions=minimum.get_positions())
+        atoms.info = {k: v for k, v in minimum.info.items() if k in ("mol_id", "smiles", "charge")}
+        atoms.calc = xtb_calculator(int(minimum.info.get("charge", 0)), accuracy)
+        atoms.set_constraint(FixCom())  # no centre-of-mass drift (ASE's recommended form)
+        thermalize(atoms, temperature_K=float(T), rng=rng)
+        Stationary(atoms)
+        ZeroRotation(atoms)
+        dyn = Langevin(
+            atoms,
+            timestep=timestep_fs * units.fs,
+            temperature_K=float(T),
+            friction=friction_per_fs / units.fs,
+            fixcm=False,
+            rng=rng,
+            logfile=None,
+        )
+        if equilibration_steps:
+            dyn.run(equilibration_steps)
+        for _ in range(n_frames):
+            dyn.run(interval_steps)
+            energy, forces = _fresh_labels(atoms, accuracy)
+            frames.append(
+                _record(
+                    atoms,
+                    energy,
+                    forces,
+                    equilibrium=False,
+                    sampling="md",
+                    temperature=float(T),
+                    source=source,
+                )
+            )
+    return frames
+
+
+def _rigid_basis(positions: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (3N, 5 or 6) of mass-weighted translations and rotations."""
+    n = len(masses)
+    sqm = np.sqrt(masses)
+    com = (masses[:, None] * positions).sum(0) / masses.sum()
+    r = positions - com
+    vecs = []
+    for a in range(3):
+        t = np.zeros((n, 3))
+        t[:, a] = sqm
+        vecs.append(t.ravel())
+    for a in range(3):
+        axis = np.zeros(3)
+        axis[a] = 1.0
+        vecs.append((np.cross(axis, r) * sqm[:, None]).ravel())
+    mat = np.array(vecs).T
+    u, s, _ = np.linalg.svd(mat, full_matrices=False)
+    rank = int((s > 1e-6 * s.max()).sum())  # 5 for a linear molecule, 6 otherwise
+    return u[:, :rank]
+
+
+@_one_openmp_thread
+def normal_modes(
+    minimum: Atoms, *, delta: float = 0.01, accuracy: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vibrational normal modes of a minimum from the GFN2-xTB Hessian (ASE ``Vibrations``).
+
+    The Hessian (central differences, step ``delta`` Å) is mass-weighted, the 6 (5 if linear)
+    rigid translations and rotations are projected out exactly, and the remaining block is
+    diagonalized.
+
+    Returns:
+        ``(modes, reduced_masses, eigenvalues)``: Cartesian unit displacement vectors
+        ``(3N-6, N, 3)``, reduced masses in amu, and mass-weighted eigenvalues ω² in
+        eV/(Å²·amu) (negative for imaginary modes), in ascending order.
+    """
+    from ase.vibrations import Vibrations
+
+    work = Atoms(numbers=minimum.get_atomic_numbers(), positions=minimum.get_positions())
+    work.calc = xtb_calculator(int(minimum.info.get("charge", 0)), accuracy)
+    with tempfile.TemporaryDirectory(prefix="fc-vib-") as tmp:
+        vib = Vibrations(work, name=str(Path(tmp) / "vib"), delta=delta, nfree=2)
+        vib.run()
+        hessian = vib.get_vibrations().get_hessian_2d()  # eV/Å², (3N, 3N)
+    hessian = 0.5 * (hessian + hessian.T)
+    masses = work.get_masses()
+    inv_sqm = np.repeat(1.0 / np.sqrt(masses), 3)
+    h_mw = hessian * inv_sqm[:, None] * inv_sqm[None, :]
+    rigid = _rigid_basis(work.get_positions(), masses)
+    # Orthonormal complement of the rigid space = internal (vibrational) coordinates.
+    u, _, _ = np.linalg.svd(rigid, full_matrices=True)
+    internal = u[:, rigid.shape[1] :]
+    eigvals, eigvecs = np.linalg.eigh(internal.T @ h_mw @ internal)
+    mw_modes = internal @ eigvecs  # (3N, n_vib) mass-weighted unit vectors
+    cart = mw_modes * inv_sqm[:, None]
+    norms = np.linalg.norm(cart, axis=0)
+    reduced_masses = 1.0 / norms**2
+    modes = (cart / norms).T.reshape(-1, len(work), 3)
+    return modes, reduced_masses, eigvals
+
+
+@_one_openmp_thread
+def sample_normal_modes(
+    minimum: Atoms,
+    n_samples: int,
+    temperature: float = 300.0,
+    seed: int | np.random.SeedSequence = 0,
+    *,
+    min_wavenumber: float = 100.0,
+    modes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    accuracy: float = 1.0,
+    source: str | None = None,
+) -> list[Atoms]:
+    """Normal-mode sampling at a temperature, as in ANI-1 (Smith et al., Chem. Sci. 2017).
+
+    For each sample, ``N_f = 3N - 6`` (or ``3N - 5``) random numbers ``c_i ~ U(0, 1)`` are
+    drawn and rescaled so that ``Σ c_i`` is itself ``U(0, 1)``; mode ``i`` is displaced by
+    ``R_i = ± sqrt(3 c_i N_a k_B T / K_i)`` (random sign) along its Cartesian unit vector,
+    where ``K_i = μ_i ω_i²`` is the mode's force constant. The harmonic energy of a sample is
+    thus ``(3/2) N_a k_B T Σ c_i`` — Boltzmann-scale distortions that stay near the minimum.
+    Frequencies below ``min_wavenumber`` (soft torsions, numerically near-zero or imaginary
+    modes) are raised to it, which caps their otherwise unbounded amplitudes.
+
+    Args:
+        minimum: A GFN2-xTB minimum (from :func:`optimize_minimum`).
+        n_samples: Number of displaced geometries.
+        temperature: Temperature in K.
+        seed: Random seed.
+        min_wavenumber: Frequency floor in cm⁻¹ used for the amplitudes.
+        modes: Precomputed :func:`normal_modes` output (saves a Hessian).
+        accuracy: tblite accuracy.
+        source: ``info["source"]`` of the records.
+
+    Returns:
+        Labelled frames with ``equilibrium=False``, ``sampling="normal_mode"``.
+    """
+    if n_samples <= 0:
+        return []
+    if modes is None:
+        modes = normal_modes(minimum, accuracy=accuracy)
+    vecs, mu, eigvals = modes
+    # ħω (eV) = s * sqrt(λ) with λ in eV/(Å² amu), as in ase.vibrations.VibrationsData.
+    s = units._hbar * 1e10 / math.sqrt(units._e * units._amu)
+    lam_floor = (min_wavenumber * units.invcm / s) ** 2
+    k_const = np.maximum(eigvals, lam_floor) * mu  # eV/Å²
+    n_atoms = len(minimum)
+    n_modes = len(k_const)
+    kT = units.kB * float(temperature)
+    rng = _rng(seed)
+    x0 = minimum.get_positions()
+    work = Atoms(numbers=minimum.get_atomic_numbers(), positions=x0)
+    work.info = {k: minimum.info[k] for k in ("mol_id", "smiles", "charge") if k in minimum.info}
+    frames = []
+    for _ in range(n_samples):
+        c = rng.uniform(0.0, 1.0, n_modes)
+        c *= rng.uniform(0.0, 1.0) / c.sum()
+        sign = rng.choice((-1.0, 1.0), n_modes)
+        amp = sign * np.sqrt(3.0 * c * n_atoms * kT / k_const)
+        work.set_positions(x0 + np.tensordot(amp, vecs, axes=1))
+        energy, forces = _fresh_labels(work, accuracy)
+        frames.append(
+            _record(
+                work,
+                energy,
+                forces,
+                equilibrium=False,
+                sampling="normal_mode",
+                temperature=float(temperature),
+                source=source,
+            )
+        )
+    return frames
+
+
+def filter_frames(
+    frames: Iterable[Atoms],
+    max_force: float = 10.0,
+    min_distance: float = 0.5,
+    *,
+    max_fragments: int | None = None,
+) -> tuple[list[Atoms], list[tuple[int, str]]]:
+    """Drop outlier frames: large forces, near collisions, or (optionally) dissociation.
+
+    Args:
+        frames: Labelled frames.
+        max_force: Largest allowed absolute force component, eV/Å.
+        min_distance: Smallest allowed interatomic distance, Å.
+        max_fragments: If given, drop frames that fall into more covalently connected
+            fragments than this (loose cutoffs, 1.5 × covalent radii).
+
+    Returns:
+        ``(kept, dropped)`` with ``dropped`` a list of ``(index, reason)``.
+
+    Raises:
+        DataError: a frame has a non-finite force (never silently dropped).
+    """
+    kept: list[Atoms] = []
+    dropped: list[tuple[int, str]] = []
+    for i, atoms in enumerate(frames):
+        forces = atoms.get_forces()
+        if not np.all(np.isfinite(forces)):
+            raise DataError(f"molecule {_name_of(atoms)!r}: non-finite forces", record=i)
+        fmax = float(np.abs(forces).max()) if forces.size else 0.0
+        dmin = _min_distance(atoms.get_positions())
+        if fmax > max_force:
+            dropped.append((i, f"max |force| {fmax:.2f} eV/Å > {max_force} eV/Å"))
+        elif dmin < min_distance:
+            dropped.append((i, f"atoms {dmin:.3f} Å apart < {min_distance} Å"))
+        elif max_fragments is not None and (nf := _n_fragments(atoms)) > max_fragments:
+            dropped.append((i, f"molecule fell apart into {nf} fragments"))
+        else:
+            kept.append(atoms)
+    return kept, dropped
+
+
+# --------------------------------------------------------------------------------------------
+# one molecule, many molecules
+# --------------------------------------------------------------------------------------------
+
+
+def _same_minimum(a: Atoms, b: Atoms, dist_tol: float = 0.05, energy_tol: float = 2e-3) -> bool:
+    """Same conformer up to rotation, translation and atom permutation (sorted distances)."""
+    if abs(a.get_potential_energy() - b.get_potential_energy()) > energy_tol:
+        return False
+    da = np.sort(a.get_all_distances()[np.triu_indices(len(a), k=1)])
+    db = np.sort(b.get_all_distances()[np.triu_indices(len(b), k=1)])
+    return bool(np.abs(da - db).max() < dist_tol)
+
+
+def _split(total: int, parts: int, offset: int) -> list[int]:
+    """Split ``total`` into ``parts`` near-equal integers, extras rotated by ``offset``."""
+    base, extra = divmod(total, parts)
+    counts = [base] * parts
+    for k in range(extra):
+        counts[(offset + k) % parts] += 1
+    return counts
+
+
+@_one_openmp_thread
+def label_molecule(
+    name: str,
+    smiles: str,
+    n_conformers: int = 3,
+    md_frames_per_T: int = 2,
+    temperatures: Sequence[float] = (300.0, 600.0, 900.0),
+    n_normal_mode: int = 2,
+    seed: int = 0,
+    *,
+    normal_mode_temperatures: Sequence[float] = (300.0, 500.0),
+    n_embed: int | None = None,
+    mmff: bool = True,
+    fmax: float = 0.01,
+    opt_steps: int = 500,
+    interval_steps: int = 40,
+    equilibration_steps: int = 200,
+    timestep_fs: float = 0.5,
+    friction_per_fs: float = 0.02,
+    min_wavenumber: float = 100.0,
+    max_force: float = 10.0,
+    min_distance: float = 0.5,
+    accuracy: float = 1.0,
+    source: str = DEFAULT_SOURCE,
+    dropped: list[tuple[str, str, float, str]] | None = None,
+) -> list[Atoms]:
+    """Label one molecule: distinct GFN2-xTB minima, thermal MD frames, normal-mode samples.
+
+    ``n_embed`` ETKDG conformers (default ``3 * n_conformers``) are optimized in turn until
+    ``n_conformers`` distinct minima are found (rigid molecules have one). Thermal samples are
+    spread over the minima: at each MD temperature ``md_frames_per_T`` frames in total, and at
+    each normal-mode temperature ``n_normal_mode`` samples in total, each minimum running its
+    own trajectory / displacements. Frames failing :func:`filter_frames` are dropped and, when
+    ``dropped`` is a list, appended to it as ``(mol_id, sampling, temperature_K, reason)``.
+
+    Returns:
+        Minima first (``equilibrium=True``), then MD frames, then normal-mode frames.
+
+    Raises:
+        DataError: bad SMILES, or no conformer reached a valid minimum (the reasons of the
+        failed optimizations are in the message).
+    """
+    seq = np.random.SeedSequence([int(seed), zlib.crc32(name.encode())])
+    s_embed, s_md, s_nm = seq.spawn(3)
+    n_embed = 3 * n_conformers if n_embed is None else max(int(n_embed), n_conformers)
+    conformers = embed(smiles, n_embed, _seed_int(s_embed), mmff=mmff, name=name)
+
+    minima: list[Atoms] = []
+    problems: list[str] = []
+    for k, conf in enumerate(conformers):
+        if len(minima) >= n_conformers:
+            break
+        try:
+            m = optimize_minimum(conf, fmax=fmax, steps=opt_steps, accuracy=accuracy, source=source)
+        except DataError as exc:
+            problems.append(f"conformer {k}: {exc}")
+            logger.warning("%s", exc)
+            continue
+        if not any(_same_minimum(m, other) for other in minima):
+            minima.append(m)
+    if not minima:
+        raise DataError(
+            f"molecule {name!r}: no conformer reached a valid GFN2-xTB minimum: "
+            + "; ".join(problems)
+        )
+
+    n_frag = max(_n_fragments(m) for m in minima)
+    records: list[Atoms] = list(minima)
+
+    def keep(frames: list[Atoms]) -> list[Atoms]:
+        kept, bad = filter_frames(
+            frames, max_force=max_force, min_distance=min_distance, max_fragments=n_frag
+        )
+        for i, reason in bad:
+            info = frames[i].info
+            logger.info("dropped %s %s frame at %g K: %s", name, info["sampling"],
+                        info["temperature_K"], reason)
+            if dropped is not None:
+                dropped.append((name, info["sampling"], info["temperature_K"], reason))
+        return kept
+
+    md_seeds = s_md.spawn(max(1, len(temperatures) * len(minima)))
+    for t_idx, T in enumerate(temperatures):
+        for j, n in enumerate(_split(md_frames_per_T, len(minima), t_idx)):
+            if n:
+                records += keep(
+                    sample_md(
+                        minima[j],
+                        temperatures=(T,),
+                        n_frames=n,
+                        interval_steps=interval_steps,
+                        timestep_fs=timestep_fs,
+                        seed=md_seeds[t_idx * len(minima) + j],
+                        equilibration_steps=equilibration_steps,
+                        friction_per_fs=friction_per_fs,
+                        accuracy=accuracy,
+                        source=source,
+                    )
+                )
+
+    nm_seeds = s_nm.spawn(max(1, len(normal_mode_temperatures) * len(minima)))
+    mode_cache: dict[int, Any] = {}
+    for t_idx, T in enumerate(normal_mode_temperatures):
+        for j, n in enumerate(_split(n_normal_mode, len(minima), t_idx)):
+            if not n:
+                continue
+            if j not in mode_cache:
+                mode_cache[j] = normal_modes(minima[j], accuracy=accuracy)
+            records += keep(
+                sample_normal_modes(
+                    minima[j],
+                    n,
+                    temperature=T,
+                    seed=nm_seeds[t_idx * len(minima) + j],
+                    min_wavenumber=min_wavenumber,
+                    modes=mode_cache[j],
+                    accuracy=accuracy,
+                    source=source,
+                )
+            )
+    return records
+
+
+def _init_worker() -> None:
+    # One OpenMP thread per worker; set before tblite (imported lazily) starts its runtime.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def _label_task(name: str, smiles: str, kwargs: dict[str, Any]):
+    """Worker entry point: never raises, returns (records, dropped, error)."""
+    dropped: list[tuple[str, str, float, str]] = []
+    try:
+        records = label_molecule(name, smiles, dropped=dropped, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported to the caller as a failure
+        reason = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        return [], dropped, reason
+    return records, dropped, None
+
+
+def label_molecules(
+    molecules: Sequence[tuple[str, str] | tuple[str, str, dict[str, Any]]],
+    n_conformers: int = 3,
+    md_frames_per_T: int = 2,
+    temperatures: Sequence[float] = (300.0, 600.0, 900.0),
+    n_normal_mode: int = 2,
+    seed: int = 0,
+    *,
+    n_workers: int = 2,
+    dropped: list[tuple[str, str, float, str]] | None = None,
+    **kwargs: Any,
+) -> tuple[list[Atoms], list[tuple[str, str]]]:
+    """Label many molecules in parallel processes, collecting failures instead of stopping.
+
+    Each molecule runs :func:`label_molecule` in a worker process (``spawn`` start method,
+    ``OMP_NUM_THREADS=1``); with ``n_workers <= 1`` everything runs in this process. Per-molecule
+    random streams depend only on ``(seed, name)``, so the output does not depend on scheduling.
+    As with any ``spawn`` pool, a calling script needs an ``if __name__ == "__main__":`` guard
+    (and cannot be read from stdin); a worker that dies is reported as a failure.
+
+    Args:
+        molecules: ``(name, smiles)`` pairs, or ``(name, smiles, overrides)`` where
+            ``overrides`` is a dict of :func:`label_molecule` keyword arguments for that
+            molecule only (e.g. more MD frames for a target molecule); names must be unique.
+        n_conformers, md_frames_per_T, temperatures, n_normal_mode, seed: see
+            :func:`label_molecule`.
+        n_workers: Number of worker processes.
+        dropped: If a list, filtered-out frames are appended as
+            ``(mol_id, sampling, temperature_K, reason)``.
+        **kwargs: Further keyword arguments of :func:`label_molecule`.
+
+    Returns:
+        ``(records, failures)``: records in the input molecule order, and ``(name, reason)``
+        for each molecule that could not be labelled.
+    """
+    entries = []
+    for entry in molecules:
+        if len(entry) not in (2, 3):
+            raise ValueError(f"expected (name, smiles) or (name, smiles, overrides), got {entry!r}")
+        entries.append((str(entry[0]), str(entry[1]), dict(entry[2]) if len(entry) == 3 else {}))
+    names = [n for n, _, _ in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"duplicate molecule names: {dup}")
+    for name, smi, _ in entries:  # fail now, not when writing hours of labels
+        for what, value in (("name", name), ("SMILES", smi)):
+            problem = _extxyz_string_problem(value)
+            if problem:
+                raise DataError(f"molecule {name!r}: {what} {problem}")
+    task_kwargs = dict(
+        kwargs,
+        n_conformers=n_conformers,
+        md_frames_per_T=md_frames_per_T,
+        temperatures=tuple(float(t) for t in temperatures),
+        n_normal_mode=n_normal_mode,
+        seed=seed,
+    )
+    results: dict[str, tuple[list[Atoms], list, str | None]] = {}
+    if n_workers <= 1 or len(entries) <= 1:
+        for name, smi, extra in entries:
+            results[name] = _label_task(name, smi, {**task_kwargs, **extra})
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            max_workers=min(n_workers, len(entries)), mp_context=ctx, initializer=_init_worker
+        ) as pool:
+            futures = {
+                pool.submit(_label_task, name, smi, {**task_kwargs, **extra}): name
+                for name, smi, extra in entries
+            }
+            for fut in cf.as_completed(futures):
+                name = futures[fut]
+                try:
+                    results[name] = fut.result()
+                except Exception as exc:  # worker died (e.g. BrokenProcessPool)
+                    results[name] = ([], [], f"worker process failed: {type(exc).__name__}: {exc}")
+    records: list[Atoms] = []
+    failures: list[tuple[str, str]] = []
+    for name in names:
+        recs, drops, err = results[name]
+        records += recs
+        if dropped is not None:
+            dropped += drops
+        if err is not None:
+            logger.warning("failed to label %s: %s", name, err)
+            failures.append((name, err))
+    return records, failures
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def _extxyz_string_problem(value: str) -> str | None:
+    """Why an extxyz comment-line string would not read back unchanged (None if it would)."""
+    from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict
+
+    back = key_val_str_to_dict(key_val_dict_to_str({"k": value}))["k"]
+    if isinstance(back, str) and back == value:
+        return None
+    return (
+        f"{value!r} would be read back from extxyz as {back!r} (avoid numeric or boolean "
+        "strings and backslashes; write cis double bonds as e.g. C(/O)=C/C=O)"
+    )
+
+
+def _check_info_round_trip(atoms_list: Sequence[Atoms], path: Path) -> None:
+    """Refuse string info values that extxyz would read back as something else."""
+    seen: set[str] = set()
+    for i, atoms in enumerate(atoms_list):
+        for key, value in atoms.info.items():
+            if isinstance(value, str) and value not in seen:
+                problem = _extxyz_string_problem(value)
+                if problem:
+                    raise DataError(f"info[{key!r}]: {problem}", file=str(path), record=i)
+                seen.add(value)
+
+
+def write_extxyz(path: str | os.PathLike, atoms_list: Sequence[Atoms]) -> Path:
+    """Write labelled records to an extended-XYZ file atomically.
+
+    The file is written to a temporary file in the same directory and moved into place with
+    :func:`os.replace`, so readers never see a half-written file. Energies and forces come from
+    each record's calculator; ``ase.io.read(path, ":")`` gives back the same energies, forces
+    and ``info`` keys (booleans included).
+
+    Raises:
+        DataError: a record has no energy/forces, non-finite labels, or a string ``info`` value
+        that would not survive the round trip.
+    """
+    import ase.io
+
+    path = Path(path)
+    atoms_list = list(atoms_list)
+    for i, atoms in enumerate(atoms_list):
+        if atoms.calc is None:
+            raise DataError("record has no energy/forces (no calculator)", file=str(path), record=i)
+        e = atoms.get_potential_energy()
+        f = atoms.get_forces()
+        if not np.isfinite(e) or not np.all(np.isfinite(f)):
+            raise DataError("non-finite energy or forces", file=str(path), record=i)
+    _check_info_round_trip(atoms_list, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            ase.io.write(fh, atoms_list, format="extxyz")
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

@@ -1,0 +1,256 @@
+"""Tests of the GFN2-xTB labeller (forcecentric.data.label) and of the bundled demo data."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+pytest.importorskip("rdkit")
+pytest.importorskip("tblite")
+
+import ase.io  # noqa: E402
+
+from forcecentric.data import label as L  # noqa: E402
+from forcecentric.errors import DataError  # noqa: E402
+
+FMAX = 0.01
+TINY = dict(
+    n_conformers=1,
+    md_frames_per_T=2,
+    temperatures=(300.0,),
+    n_normal_mode=2,
+    normal_mode_temperatures=(400.0,),
+    n_embed=1,
+    equilibration_steps=10,
+    interval_steps=5,
+    fmax=FMAX,
+)
+
+
+@pytest.fixture(scope="module")
+def methanol():
+    dropped: list = []
+    records = L.label_molecule("methanol", "CO", seed=0, source="test", dropped=dropped, **TINY)
+    return records, dropped
+
+
+def _fresh(atoms: Atoms) -> tuple[float, np.ndarray]:
+    a = Atoms(numbers=atoms.numbers, positions=atoms.positions)
+    a.calc = L.xtb_calculator(charge=int(atoms.info["charge"]))
+    return a.get_potential_energy(), a.get_forces()
+
+
+def test_records_carry_labels_and_info(methanol):
+    records, dropped = methanol
+    assert not dropped
+    kinds = [r.info["sampling"] for r in records]
+    assert kinds == ["minimum", "md", "md", "normal_mode", "normal_mode"]
+    for r in records:
+        assert list(r.info) == list(L.INFO_KEYS)
+        assert isinstance(r.info["equilibrium"], bool)
+        assert r.info["equilibrium"] == (r.info["sampling"] == "minimum")
+        assert r.info["source"] == "test"
+        assert r.info["mol_id"] == "methanol" and r.info["smiles"] == "CO"
+        assert r.info["level_of_theory"] == "GFN2-xTB"
+        assert r.info["charge"] == 0 and isinstance(r.info["charge"], int)
+        assert isinstance(r.info["temperature_K"], float)
+        assert isinstance(r.calc, SinglePointCalculator)
+        assert sorted(r.get_chemical_symbols()) == ["C", "H", "H", "H", "H", "O"]
+        assert r.get_forces().shape == (6, 3)
+        assert np.isfinite(r.get_potential_energy())
+    assert [r.info["temperature_K"] for r in records] == [0.0, 300.0, 300.0, 400.0, 400.0]
+
+
+def test_minimum_is_converged(methanol):
+    minimum = methanol[0][0]
+    assert minimum.info["equilibrium"] is True
+    assert np.linalg.norm(minimum.get_forces(), axis=1).max() < FMAX
+    # thermal frames sit above the minimum
+    assert all(r.get_potential_energy() > minimum.get_potential_energy() for r in methanol[0][1:])
+
+
+def test_thermal_labels_equal_fresh_xtb(methanol):
+    for r in methanol[0][1:]:
+        assert r.info["equilibrium"] is False
+        f = r.get_forces()
+        assert np.all(np.isfinite(f)) and np.abs(f).max() > 0.05  # really off-equilibrium
+        e_ref, f_ref = _fresh(r)
+        assert r.get_potential_energy() == pytest.approx(e_ref, abs=1e-5)
+        np.testing.assert_allclose(f, f_ref, atol=1e-4)
+
+
+def test_labelling_is_deterministic(methanol):
+    again = L.label_molecule("methanol", "CO", seed=0, source="test", **TINY)
+    for a, b in zip(methanol[0], again):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-8)
+        np.testing.assert_allclose(a.get_forces(), b.get_forces(), atol=1e-6)
+
+
+def test_extxyz_round_trip(methanol, tmp_path):
+    records = methanol[0]
+    path = L.write_extxyz(tmp_path / "sub" / "methanol.extxyz", records)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["methanol.extxyz"]  # no temp left
+    back = ase.io.read(path, ":")
+    assert len(back) == len(records)
+    for a, b in zip(records, back):
+        assert np.array_equal(a.numbers, b.numbers)
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-7)
+        assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(a.get_forces(), b.get_forces(), atol=1e-7)
+        for key in L.INFO_KEYS:
+            assert b.info[key] == a.info[key], key
+        assert isinstance(b.info["equilibrium"], (bool, np.bool_))
+    # overwriting goes through the same atomic path
+    L.write_extxyz(path, records[:2])
+    assert len(ase.io.read(path, ":")) == 2
+
+
+def test_write_extxyz_refuses_bad_records(methanol, tmp_path):
+    good = methanol[0][0]
+    bare = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
+    with pytest.raises(DataError, match="record 1"):
+        L.write_extxyz(tmp_path / "x.extxyz", [good, bare])
+    nan = good.copy()
+    f = good.get_forces().copy()
+    f[0, 0] = np.nan
+    nan.calc = SinglePointCalculator(nan, energy=good.get_potential_energy(), forces=f)
+    with pytest.raises(DataError, match="non-finite"):
+        L.write_extxyz(tmp_path / "x.extxyz", [nan])
+    numeric = good.copy()
+    numeric.calc = SinglePointCalculator(numeric, energy=1.0, forces=np.zeros((6, 3)))
+    numeric.info["mol_id"] = "123"  # would come back as an int
+    with pytest.raises(DataError, match="mol_id"):
+        L.write_extxyz(tmp_path / "x.extxyz", [numeric])
+    assert not list(tmp_path.iterdir())
+
+
+def test_filter_frames_drops_outliers_and_reports():
+    def frame(positions, forces):
+        a = Atoms("OH2", positions=positions)
+        a.calc = SinglePointCalculator(a, energy=0.0, forces=np.asarray(forces, float))
+        return a
+
+    water = [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]
+    ok = frame(water, np.ones((3, 3)))
+    hot = frame(water, [[0, 0, 12.0], [0, 0, -6], [0, 0, -6]])
+    close = frame([[0, 0, 0], [0.3, 0, 0], [-0.24, 0.93, 0]], np.zeros((3, 3)))
+    apart = frame([[0, 0, 0], [0.96, 0, 0], [-2.4, 9.3, 0]], np.zeros((3, 3)))
+    kept, dropped = L.filter_frames([ok, hot, close, apart], max_fragments=1)
+    assert kept == [ok]
+    assert [i for i, _ in dropped] == [1, 2, 3]
+    assert "force" in dropped[0][1] and "apart" in dropped[1][1] and "fragments" in dropped[2][1]
+    bad = frame(water, [[np.inf, 0, 0], [0, 0, 0], [0, 0, 0]])
+    with pytest.raises(DataError, match="non-finite"):
+        L.filter_frames([ok, bad])
+
+
+def test_normal_modes_of_methanol(methanol, tmp_path):
+    modes, mu, eigvals = L.normal_modes(methanol[0][0])
+    assert modes.shape == (12, 6, 3) and mu.shape == (12,) and eigvals.shape == (12,)
+    np.testing.assert_allclose(np.linalg.norm(modes.reshape(12, -1), axis=1), 1.0, atol=1e-10)
+    assert np.all(eigvals > 0)  # a true minimum: no imaginary modes once rigid ones are removed
+    # same vibrational frequencies as ASE's own analysis (which keeps the rigid modes)
+    from ase import units
+    from ase.vibrations import Vibrations
+
+    hbar_scale = units._hbar * 1e10 / np.sqrt(units._e * units._amu)
+    ours = hbar_scale * np.sqrt(eigvals) / units.invcm
+    ref_atoms = Atoms(numbers=methanol[0][0].numbers, positions=methanol[0][0].positions)
+    ref_atoms.calc = L.xtb_calculator()
+    vib = Vibrations(ref_atoms, name=str(tmp_path / "vib"))
+    vib.run()
+    ref = np.sort(vib.get_vibrations().get_frequencies().real)[-12:]
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1.0)
+
+
+def test_embed_rejects_bad_input():
+    with pytest.raises(DataError, match="cannot parse"):
+        L.embed("C1CC", 1, name="broken")
+    with pytest.raises(DataError, match="open-shell"):
+        L.embed("[CH3]", 1, name="methyl")
+    with pytest.raises(DataError, match="disconnected"):
+        L.embed("C.O", 1, name="mixture")
+    confs = L.embed("CCO", 2, seed=3, name="ethanol")
+    assert len(confs) == 2 and len(confs[0]) == 9
+    assert confs[0].info == {"mol_id": "ethanol", "smiles": "CCO", "charge": 0}
+
+
+def test_optimize_minimum_detects_fragmentation():
+    argon = Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 2.0]], info={"mol_id": "argon_dimer"})
+    with pytest.raises(DataError, match="argon_dimer.*fragmented"):
+        L.optimize_minimum(argon, steps=200)
+
+
+def test_label_molecules_collects_failures_and_keeps_order():
+    molecules = [("water", "O"), ("broken", "C1CC"), ("methane", "C")]
+    dropped: list = []
+    records, failures = L.label_molecules(
+        molecules, seed=1, n_workers=2, dropped=dropped, **{**TINY, "n_normal_mode": 0}
+    )
+    assert not dropped
+    assert [name for name, _ in failures] == ["broken"]
+    assert "SMILES" in failures[0][1]
+    ids = [r.info["mol_id"] for r in records]
+    assert ids == ["water"] * 3 + ["methane"] * 3
+    # per-molecule streams do not depend on the other molecules or on the workers
+    no_nm = {**TINY, "n_normal_mode": 0}
+    alone, _ = L.label_molecules([("methane", "C")], seed=1, n_workers=1, **no_nm)
+    for a, b in zip(records[3:], alone):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-6)
+    with pytest.raises(DataError, match="duplicate"):
+        L.label_molecules([("a", "C"), ("a", "CC")])
+
+
+# ------------------------------------------------------------------------------------------
+# bundled demo data
+# ------------------------------------------------------------------------------------------
+
+BUNDLED = files("forcecentric") / "bundled"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    out = {}
+    for name in ("demo_pretrain.extxyz", "demo_target.extxyz"):
+        res = BUNDLED / name
+        assert res.is_file(), f"bundled file {name} missing (run scripts/make_demo_data.py)"
+        out[name] = ase.io.read(str(res), ":")
+    return out["demo_pretrain.extxyz"], out["demo_target.extxyz"]
+
+
+def test_bundled_files_parse_and_are_labelled(bundled):
+    for records in bundled:
+        assert len(records) > 100
+        for r in records:
+            assert set(L.INFO_KEYS) <= set(r.info)
+            assert r.info["level_of_theory"] == "GFN2-xTB"
+            f = r.get_forces()
+            assert f.shape == (len(r), 3) and np.all(np.isfinite(f))
+            assert np.isfinite(r.get_potential_energy())
+            assert np.abs(f).max() <= 10.0
+
+
+def test_bundled_target_is_held_out(bundled):
+    pretrain, target = bundled
+    target_ids = {str(r.info["mol_id"]) for r in target}
+    pretrain_ids = {str(r.info["mol_id"]) for r in pretrain}
+    assert target_ids == {"aspirin"}
+    assert not target_ids & pretrain_ids
+    assert not {r.info["smiles"] for r in target} & {r.info["smiles"] for r in pretrain}
+    assert not any(bool(r.info["equilibrium"]) for r in target)
+    assert len(target) >= 300
+
+
+def test_bundled_pretrain_mixes_equilibrium_and_thermal(bundled):
+    pretrain, _ = bundled
+    eq = [r for r in pretrain if r.info["equilibrium"]]
+    assert 0.1 < len(eq) / len(pretrain) < 0.3
+    assert all(np.linalg.norm(r.get_forces(), axis=1).max() < 0.01 for r in eq)
+    assert {r.info["sampling"] for r in pretrain} == {"minimum", "md", "normal_mode"}
+    elements = set().union(*(r.get_chemical_symbols() for r in pretrain))
+    assert {"H", "C", "N", "O"} <= elements
+    assert len({r.info["mol_id"] for r in pretrain}) >= 15
