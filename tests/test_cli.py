@@ -57,3 +57,34 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert main(["pretrain", "-c", "no-such-preset"]) == 2
     assert "presets" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_label_then_build_data_then_evaluate(tmp_path, tiny_config, capsys):
+    smi = tmp_path / "mols.smi"
+    smi.write_text("smiles name\nCO methanol\nC=O formaldehyde\nCC(C)(C)(C)(C) impossible\n")
+    args = ["label", str(smi), "--out", str(tmp_path / "lab"), "--workers", "1", "--conformers", "1",
+            "--md-temperatures", "300", "--md-frames", "2", "--md-equilibration", "10", "--md-interval", "5",
+            "--nm-temperatures", "300", "--nm-samples", "2", "--shard-molecules", "2", "--no-progress"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_failed"] == 1 and report["records_this_run"] >= 8
+    failures = (tmp_path / "lab" / "failures.csv").read_text()
+    assert "impossible" in failures and "SMILES" in failures
+    # resuming finds every shard done and labels nothing again
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["records_this_run"] == 0
+    # other settings in the same folder are refused
+    assert main(args[:-1] + ["--seed", "5", "--no-progress"]) == 2
+    capsys.readouterr()
+    shards = sorted(str(p) for p in (tmp_path / "lab").glob("shard-*.extxyz"))
+    assert main(["build-data", *shards, "--out", str(tmp_path / "store"), "--no-progress"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    st = built["statistics"]
+    assert st["n_equilibrium"] == 2 and st["n_off_equilibrium"] >= 6
+    assert st["levels_of_theory"] == {"GFN2-xTB": st["n_conformations"]}
+    torch.manual_seed(0)
+    model = ForceField(tiny_config)
+    model.elements = [1, 6, 8]
+    ckpt = save_model(model, tmp_path / "m.ckpt")
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "store")]) == 0
+    assert json.loads(capsys.readouterr().out)["n_conformations"] == st["n_conformations"]

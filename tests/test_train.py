@@ -142,7 +142,7 @@ def test_finetune_starts_from_pretrained_weights_and_fits_references(tmp_path, m
 
     dm = ForceFieldDataModule(cfg.data, seed=cfg.seed)
     dm.setup()
-    recs = dm.train_set.records
+    recs = [dm.train_set[i] for i in range(len(dm.train_set))]
     e_ref = np.array([r.energy for r in recs])
     b = collate(recs)
     e_pred = ft(b.z, b.pos, b.batch, b.n_graphs)["energy"].detach().numpy()
@@ -175,3 +175,18 @@ def test_empty_dataset_is_an_error(tmp_path):
 
     with pytest.raises(DataError, match="empty"):
         run(_cfg(tmp_path, empty))
+
+
+def test_training_reads_a_store_lazily(tmp_path, morse_file):
+    from forcecentric.data.build import build_store
+
+    report = build_store([morse_file], tmp_path / "store", progress=False)
+    # the 8 identical equilibrium frames of the fixture are deduplicated to one
+    n = report["statistics"]["n_conformations"]
+    assert n == 33
+    cfg = _cfg(tmp_path, tmp_path / "store", **{"trainer.max_epochs": 1, "data.split_by_molecule": False,
+                                                 "data.num_workers": 2})
+    metrics = run(cfg)
+    assert metrics["train_size"] == n - 16 and metrics["test"]["n_conformations"] == 8
+    model = load(tmp_path / "run" / "model.ckpt")
+    assert model.metadata["data"]["train"]["n_conformations"] == n - 16

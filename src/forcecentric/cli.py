@@ -74,16 +74,16 @@ def cmd_finetune(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .checkpoint import load
-    from .data import read_all
     from .evaluation import evaluate
-    from .train.datamodule import resolve_path
+    from .train.datamodule import open_source, resolve_path
 
     model = load(args.model, device=args.device, dtype=args.dtype)
     results = {}
     for spec in args.data:
         path = resolve_path(spec)
-        records = read_all(path, format=args.format)
-        name = path.stem
+        ds = open_source(spec, args.format)
+        records = [ds[i] for i in range(len(ds))]
+        name = path.stem or path.name
         results[str(path)] = evaluate(model, records, args.out, name=name, file=str(path),
                                       batch_size=args.batch_size)
     print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2, default=float))
@@ -150,6 +150,37 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from .data.label import label_to_shards, read_molecules
+
+    molecules = []
+    for path in args.inputs:
+        molecules.extend(read_molecules(path))
+    report = label_to_shards(
+        molecules, args.out, molecules_per_shard=args.shard_molecules, n_workers=args.workers,
+        progress=not args.no_progress, n_conformers=args.conformers, md_frames_per_T=args.md_frames,
+        temperatures=tuple(args.md_temperatures), n_normal_mode=args.nm_samples,
+        normal_mode_temperatures=tuple(args.nm_temperatures), seed=args.seed,
+        equilibration_steps=args.md_equilibration, interval_steps=args.md_interval,
+        timestep_fs=args.timestep, max_force=args.max_force,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_build_data(args) -> int:
+    from .data.build import build_store
+
+    report = build_store(
+        args.inputs, args.out, format=args.format, max_force=args.max_force,
+        min_distance=args.min_distance, dedup=not args.no_dedup, shard_size=args.shard_size,
+        progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
+    )
+    keep = {k: v for k, v in report.items() if k not in ("dropped",)}
+    print(json.dumps(keep, indent=2, default=str))
+    return 0
+
+
 def _print_summary(metrics: dict) -> None:
     keep = {k: v for k, v in metrics.items() if k not in ("val", "test")}
     for split in ("val", "test"):
@@ -194,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts from random weights.", formatter_class=fmt)
     common_train(sp, "finetune")
     sp.add_argument("--from", dest="init_from", default=None, help="pre-trained model checkpoint (default: scratch)")
-    sp.add_argument("--data", nargs="+", help="training files (any ASE-readable file, e.g. extxyz); "
-                    "overrides data.train")
+    sp.add_argument("--data", nargs="+", help="training data: files in any supported format (extxyz, "
+                    "MD17 npz, ...) or store directories; overrides data.train")
     sp.set_defaults(func=cmd_finetune)
 
     sp = sub.add_parser("evaluate", help="energy / force errors of a model on a dataset, with a parity plot",
@@ -203,13 +234,54 @@ def build_parser() -> argparse.ArgumentParser:
                         "similarity and per-element force MAE, printed as JSON; with --out also "
                         "NAME_metrics.json and NAME_parity.png.", formatter_class=fmt)
     sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
-    sp.add_argument("--data", required=True, nargs="+", help="dataset files (any ASE-readable format)")
+    sp.add_argument("--data", required=True, nargs="+", help="data files (any supported format) or store directories")
     sp.add_argument("--format", default=None, help="force the file format (default: guess)")
     sp.add_argument("--out", default=None, help="folder for metrics JSON and parity plot")
     sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     sp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     sp.add_argument("--batch-size", type=int, default=32)
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("label", help="GFN2-xTB labelled conformations of molecules (minima, MD, normal modes)",
+                        description="RDKit ETKDG conformers optimized with GFN2-xTB (tblite) into minima flagged "
+                        "equilibrium, plus off-equilibrium frames from short GFN2-xTB Langevin MD at several "
+                        "temperatures and from normal-mode sampling. Runs in parallel processes, writes "
+                        "OUT/shard-NNNNN.extxyz atomically and resumes at the first missing shard; failed "
+                        "molecules go to OUT/failures.csv.", formatter_class=fmt)
+    sp.add_argument("inputs", nargs="+", help="SMILES file (SMILES [name] per line), SDF, or structure files")
+    sp.add_argument("--out", required=True, help="output folder for the labelled shards")
+    sp.add_argument("--workers", type=int, default=2, help="worker processes")
+    sp.add_argument("--shard-molecules", type=int, default=50, help="molecules per output shard")
+    sp.add_argument("--conformers", type=int, default=2, help="distinct minima per molecule (at most)")
+    sp.add_argument("--md-temperatures", type=float, nargs="+", default=[300.0, 600.0, 900.0], help="MD temperatures (K)")
+    sp.add_argument("--md-frames", type=int, default=2, help="MD frames kept per temperature")
+    sp.add_argument("--md-equilibration", type=int, default=200, help="MD steps discarded before the first frame")
+    sp.add_argument("--md-interval", type=int, default=40, help="MD steps between kept frames")
+    sp.add_argument("--timestep", type=float, default=0.5, help="MD time step (fs)")
+    sp.add_argument("--nm-temperatures", type=float, nargs="+", default=[300.0, 500.0], help="normal-mode sampling temperatures (K)")
+    sp.add_argument("--nm-samples", type=int, default=2, help="normal-mode samples per temperature")
+    sp.add_argument("--max-force", type=float, default=10.0, help="drop frames with a force component above this (eV/A)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_label)
+
+    sp = sub.add_parser("build-data", help="validate, deduplicate and pack data files into a sharded HDF5 store",
+                        description="Reads every input (MD17/rMD17/MD22 npz, ANI-1x / SPICE HDF5, PCQM4Mv2 / QM9, "
+                        "extxyz and anything ASE reads), drops records with NaN/Inf, shape mismatches, force "
+                        "components above --max-force or atoms closer than --min-distance, removes duplicates, "
+                        "and writes OUT/manifest.json + shards, with build_report.json and dropped.csv "
+                        "(file, record, reason). --resume continues a killed build.", formatter_class=fmt)
+    sp.add_argument("inputs", nargs="+", help="data files")
+    sp.add_argument("--out", required=True, help="store directory")
+    sp.add_argument("--format", default=None, help="force a reader (md17, rmd17, md22, ani1x, spice, pcqm4mv2, qm9, ase or an ASE format)")
+    sp.add_argument("--max-force", type=float, default=None, help="force bound (eV/A); default: no bound")
+    sp.add_argument("--min-distance", type=float, default=0.1, help="minimum interatomic distance (A)")
+    sp.add_argument("--shard-size", type=int, default=100_000, help="conformations per shard")
+    sp.add_argument("--no-dedup", action="store_true", help="keep duplicate conformations")
+    sp.add_argument("--resume", action="store_true", help="continue a killed build")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_build_data)
 
     sp = sub.add_parser("demo", help="pre-train, fine-tune on a held-out molecule and evaluate, on bundled data",
                         description="The main job on the bundled GFN2-xTB data: a short force-centric pre-training, "

@@ -968,3 +968,174 @@ def write_extxyz(path: str | os.PathLike, atoms_list: Sequence[Atoms]) -> Path:
             pass
         raise
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Molecule input and sharded, resumable labelling runs (``forcecentric label``)
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain_smiles(smiles: str) -> str:
+    """Canonical SMILES without stereo marks ('/' and '\\' do not survive extxyz comments)."""
+    from rdkit import Chem
+
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        return smiles
+    return Chem.MolToSmiles(mol, isomericSmiles=False)
+
+
+def read_molecules(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(name, smiles)`` pairs from a SMILES file, an SDF or any ASE-readable structure file.
+
+    * ``.smi`` / ``.txt`` / ``.csv``: one molecule per line, ``SMILES [name]`` (whitespace or
+      comma separated; a header line whose first field is ``smiles`` is skipped);
+    * ``.sdf`` / ``.mol``: RDKit, names from the title line (or the record index);
+    * anything else: read with ASE, bonds perceived with RDKit's ``DetermineBonds``.
+    Names are made unique and safe for extxyz; stereo marks are dropped from the SMILES.
+    """
+    from rdkit import Chem
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file does not exist", file=str(path))
+    pairs: list[tuple[str, str]] = []
+    suffix = path.suffix.lower()
+    if suffix in (".smi", ".txt", ".csv", ".smiles"):
+        for i, line in enumerate(path.read_text().splitlines()):
+            fields = [f for f in line.replace(",", " ").split() if f]
+            if not fields or fields[0].startswith("#"):
+                continue
+            if i == 0 and fields[0].lower() == "smiles":
+                continue
+            smi = fields[0]  # an invalid SMILES is reported as a failed molecule by the labeller
+            pairs.append((fields[1] if len(fields) > 1 else f"mol{i:06d}", smi))
+    elif suffix in (".sdf", ".mol"):
+        supplier = Chem.SDMolSupplier(str(path), removeHs=False)
+        for i, mol in enumerate(supplier):
+            if mol is None:
+                raise DataError("RDKit cannot parse this molecule", file=str(path), record=i)
+            title = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
+            pairs.append((title or f"mol{i:06d}", Chem.MolToSmiles(Chem.RemoveHs(mol))))
+    else:
+        import ase.io
+        from rdkit.Chem import rdDetermineBonds
+
+        for i, atoms in enumerate(ase.io.iread(str(path))):
+            xyz = f"{len(atoms)}\n\n" + "\n".join(
+                f"{s} {x:.6f} {y:.6f} {z:.6f}" for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions)
+            )
+            mol = Chem.MolFromXYZBlock(xyz)
+            try:
+                rdDetermineBonds.DetermineBonds(mol, charge=int(atoms.info.get("charge", 0)))
+            except Exception as exc:
+                raise DataError(f"cannot perceive bonds: {exc}", file=str(path), record=i) from None
+            pairs.append((str(atoms.info.get("mol_id", f"mol{i:06d}")), Chem.MolToSmiles(Chem.RemoveHs(mol))))
+    if not pairs:
+        raise DataError("no molecules found", file=str(path))
+    out, seen = [], {}
+    for name, smi in pairs:
+        safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name) or "mol"
+        if safe[0].isdigit() or safe.lower() in ("true", "false", "t", "f"):
+            safe = "m_" + safe
+        k = seen.get(safe, 0)
+        seen[safe] = k + 1
+        out.append((safe if k == 0 else f"{safe}_{k}", _plain_smiles(smi)))
+    return out
+
+
+def label_to_shards(
+    molecules: Sequence[tuple[str, str]],
+    out_dir: str | os.PathLike,
+    *,
+    molecules_per_shard: int = 50,
+    n_workers: int = 2,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Label ``molecules`` into ``out_dir/shard-NNNNN.extxyz`` files, resumably.
+
+    Each shard holds the records of ``molecules_per_shard`` molecules and is written atomically,
+    so a killed run resumes at the first missing shard (same molecules, same settings: the
+    settings are recorded in ``label_settings.json`` and a resume with other settings is refused).
+    Molecules that fail (bad SMILES, SCF or optimization failure, fragmentation) are listed in
+    ``failures.csv`` and do not stop the run. Returns a report (also ``label_report.json``).
+    """
+    import csv
+    import json
+    import time
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import tblite
+
+    record = {
+        "method": "GFN2-xTB",
+        "program": f"tblite {getattr(tblite, '__version__', '?')}",
+        "conformers": "RDKit ETKDGv3 (+ MMFF), minima optimized with GFN2-xTB",
+        "molecules_per_shard": molecules_per_shard,
+        "n_molecules": len(molecules),
+        "molecules_sha": zlib.crc32("\n".join(f"{n} {s}" for n, s in molecules).encode()),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(settings.items())},
+    }
+    settings_file = out / "label_settings.json"
+    if settings_file.is_file():
+        old = json.loads(settings_file.read_text())
+        if old != record:
+            raise DataError(
+                "this folder was labelled with other molecules or settings; use a new --out "
+                f"(recorded: {old.get('settings')}, n_molecules={old.get('n_molecules')})",
+                file=str(settings_file),
+            )
+    else:
+        settings_file.write_text(json.dumps(record, indent=2))
+    failures_file = out / "failures.csv"
+    failures: list[tuple[str, str, str]] = []
+    if failures_file.is_file():
+        with failures_file.open() as fh:
+            failures = [tuple(r) for r in csv.reader(fh)][1:]
+    shards = [molecules[i : i + molecules_per_shard] for i in range(0, len(molecules), molecules_per_shard)]
+    n_records = n_done = 0
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(molecules), unit="mol", desc="labelling")
+    for k, chunk in enumerate(shards):
+        path = out / f"shard-{k:05d}.extxyz"
+        marker = out / f".shard-{k:05d}.empty"  # every molecule of the shard failed
+        if path.is_file() or marker.is_file():  # finished before a restart
+            if bar is not None:
+                bar.update(len(chunk))
+            continue
+        records, failed = label_molecules(chunk, n_workers=n_workers, **settings)
+        smiles = dict(chunk)
+        if records:
+            write_extxyz(path, records)
+        else:
+            marker.write_text("")
+        n_records += len(records)
+        n_done += len(chunk)
+        failures.extend((name, smiles.get(name, ""), reason.replace("\n", " ")) for name, reason in failed)
+        tmp = failures_file.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["name", "smiles", "reason"])
+            w.writerows(failures)
+        tmp.replace(failures_file)
+        if bar is not None:
+            bar.update(len(chunk))
+            bar.set_postfix(records=n_records, failed=len(failures))
+    if bar is not None:
+        bar.close()
+    report = {
+        "n_molecules": len(molecules),
+        "n_shards": len(shards),
+        "n_failed": len(failures),
+        "records_this_run": n_records,
+        "molecules_this_run": n_done,
+        "wall_time_s_this_run": round(time.time() - t0, 1),
+    }
+    (out / "label_report.json").write_text(json.dumps(report, indent=2))
+    return report

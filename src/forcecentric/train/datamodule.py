@@ -46,20 +46,85 @@ def load_records(specs: list[str], format: str | None = None, max_force: float |
     return records
 
 
+def is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def open_source(spec: str, format: str | None = None, max_force: float | None = None):
+    """A store directory opens lazily as a :class:`~forcecentric.data.store.Store`; any other
+    file is read, validated and held in memory as a :class:`ConformationDataset`."""
+    path = resolve_path(spec)
+    if is_store(path):
+        from ..data.store import Store
+
+        return Store(path)
+    return ConformationDataset(load_records([spec], format, max_force), name=str(path))
+
+
+def _concat(parts: list) -> torch.utils.data.Dataset:
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+def _mol_ids(parts: list) -> list[str]:
+    ids: list[str] = []
+    for ds in parts:
+        if isinstance(ds, ConformationDataset):
+            ids.extend(r.mol_id for r in ds.records)
+        else:
+            ids.extend(str(m) for m in ds.mol_ids())
+    return ids
+
+
+def sample_records(ds: torch.utils.data.Dataset, limit: int, seed: int = 0) -> list[Conformation]:
+    """All records of ``ds``, or ``limit`` of them drawn at random (for statistics and fits)."""
+    n = len(ds)
+    idx = np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+    return [ds[int(i)] for i in idx]
+
+
+def describe_dataset(ds: torch.utils.data.Dataset, name: str, limit: int = 20_000) -> dict:
+    """Counts of a (sub)dataset; above ``limit`` conformations they are estimated from a sample."""
+    if isinstance(ds, ConformationDataset):
+        out = ds.describe()
+        out["name"] = name
+        return out
+    recs = sample_records(ds, limit)
+    out = ConformationDataset(recs, name=name).describe()
+    if len(recs) < len(ds):
+        scale = len(ds) / len(recs)
+        for key in ("n_equilibrium", "n_off_equilibrium", "n_with_forces", "n_with_energy"):
+            out[key] = int(round(out[key] * scale))
+        out["estimated_from_sample"] = len(recs)
+    out["n_conformations"] = len(ds)
+    return out
+
+
+def dataset_elements(ds: torch.utils.data.Dataset) -> list[int]:
+    if isinstance(ds, ConformationDataset):
+        return ds.elements()
+    if isinstance(ds, torch.utils.data.Subset):
+        return dataset_elements(ds.dataset)
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        return sorted({z for part in ds.datasets for z in dataset_elements(part)})
+    return list(ds.elements())
+
+
 class ForceFieldDataModule(pl.LightningDataModule):
     """Train / val / test datasets from a :class:`DataConfig`.
 
-    When no separate val / test files are given they are carved out of the training files,
-    at random or by molecule identity, reproducibly from ``seed``.
+    ``data.train`` may list data files (read into memory) and store directories (read lazily,
+    per DataLoader worker). When no separate val / test files are given they are carved out of
+    the training data, at random or by molecule identity, reproducibly from ``seed``; val and
+    test are drawn first, so they do not change with ``n_train``.
     """
 
     def __init__(self, config: DataConfig, seed: int = 0):
         super().__init__()
         self.config = config
         self.seed = seed
-        self.train_set: ConformationDataset | None = None
-        self.val_set: ConformationDataset | None = None
-        self.test_set: ConformationDataset | None = None
+        self.train_set = None
+        self.val_set = None
+        self.test_set = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -67,27 +132,28 @@ class ForceFieldDataModule(pl.LightningDataModule):
         c = self.config
         if not c.train:
             raise DataError("data.train lists no files: nothing to train on")
-        pool = load_records(c.train, c.format, c.max_force)
-        val = load_records(c.val, c.format, c.max_force) if c.val else None
-        test = load_records(c.test, c.format, c.max_force) if c.test else None
-        # val and test are drawn first, so they stay the same whatever n_train is
+        parts = [open_source(s, c.format, c.max_force) for s in c.train]
+        pool = _concat(parts)
+        val = _concat([open_source(s, c.format, c.max_force) for s in c.val]) if c.val else None
+        test = _concat([open_source(s, c.format, c.max_force) for s in c.test]) if c.test else None
         sizes = [0 if val is not None else c.n_val, 0 if test is not None else c.n_test, c.n_train]
         if c.n_train is not None:
             sizes.append(None)
         if c.split_by_molecule:
-            parts = molecule_split([r.mol_id for r in pool], sizes, self.seed)
+            split = molecule_split(_mol_ids(parts), sizes, self.seed)
         else:
-            parts = random_split(len(pool), sizes, self.seed)
-        va, te, tr = parts[0], parts[1], parts[2]
-        self.train_set = ConformationDataset([pool[i] for i in tr], name="train")
-        self.val_set = ConformationDataset(val if val is not None else [pool[i] for i in va], name="val")
-        self.test_set = ConformationDataset(test if test is not None else [pool[i] for i in te], name="test")
+            split = random_split(len(pool), sizes, self.seed)
+        va, te, tr = split[0], split[1], split[2]
+        Subset = torch.utils.data.Subset
+        self.train_set = Subset(pool, tr.tolist())
+        self.val_set = val if val is not None else Subset(pool, va.tolist())
+        self.test_set = test if test is not None else Subset(pool, te.tolist())
         if len(self.train_set) == 0:
             raise DataError(f"the training split of {c.train} is empty")
         if len(self.val_set) == 0:
             raise DataError(f"the validation split of {c.train} is empty (set data.n_val or data.val)")
 
-    def _loader(self, ds: ConformationDataset, shuffle: bool, batch_size: int) -> torch.utils.data.DataLoader:
+    def _loader(self, ds, shuffle: bool, batch_size: int) -> torch.utils.data.DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
@@ -107,9 +173,9 @@ class ForceFieldDataModule(pl.LightningDataModule):
     def describe(self) -> dict:
         return {
             "files": list(self.config.train),
-            "train": self.train_set.describe(),
-            "val": self.val_set.describe(),
-            "test": self.test_set.describe(),
+            "train": describe_dataset(self.train_set, "train"),
+            "val": describe_dataset(self.val_set, "val"),
+            "test": describe_dataset(self.test_set, "test"),
         }
 
 

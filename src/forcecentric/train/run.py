@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..evaluation import check_elements, evaluate, fit_atomrefs, write_json
 from ..nn.model import ForceField
 from .callbacks import AtomicCheckpointIO, LearningCurvePlot, RunDirCSVLogger
-from .datamodule import ForceFieldDataModule, force_rms
+from .datamodule import ForceFieldDataModule, dataset_elements, force_rms, sample_records
 from .lightning_module import ForceFieldModule
 
 log = logging.getLogger("forcecentric")
@@ -33,7 +33,8 @@ log = logging.getLogger("forcecentric")
 
 def _init_model(cfg: RunConfig, dm: ForceFieldDataModule) -> ForceField:
     """Fresh weights, or the weights of ``cfg.init_from`` (representation and fitting heads)."""
-    train = dm.train_set.records
+    # statistics and reference-energy fits on (a sample of) the training set
+    train = sample_records(dm.train_set, 20_000, cfg.seed)
     if cfg.init_from:
         base = load(cfg.init_from)
         model = ForceField(cfg.model)
@@ -51,13 +52,13 @@ def _init_model(cfg: RunConfig, dm: ForceFieldDataModule) -> ForceField:
         loaded = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
         dst.update(loaded)
         model.load_state_dict(dst)
-        model.elements = sorted(set(base.elements) | set(dm.train_set.elements()))
+        model.elements = sorted(set(base.elements) | set(dataset_elements(dm.train_set)))
         model.metadata = {"pretrained_from": str(cfg.init_from), "pretraining_data": base.metadata.get("data")}
         log.info("initialised %d/%d tensors from %s", len(loaded), len(dst), cfg.init_from)
     else:
         torch.manual_seed(cfg.seed)
         model = ForceField(cfg.model)
-        model.elements = dm.train_set.elements()
+        model.elements = dataset_elements(dm.train_set)
         model.metadata = {}
         rms = force_rms(train)
         model.set_normalization(scale=rms if rms else 1.0, shift=0.0)
@@ -164,10 +165,11 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "package_version": __version__,
         "train_size": len(dm.train_set),
     }
-    metrics["val"] = evaluate(final, dm.val_set.records, run_dir, name="val")
+    metrics["val"] = evaluate(final, sample_records(dm.val_set, 20_000), run_dir, name="val")
     if len(dm.test_set):
-        check_elements(final, dm.test_set.records)
-        metrics["test"] = evaluate(final, dm.test_set.records, run_dir, name="test")
+        test_records = sample_records(dm.test_set, 20_000)
+        check_elements(final, test_records)
+        metrics["test"] = evaluate(final, test_records, run_dir, name="test")
     final.metadata["metrics"] = {k: metrics[k] for k in ("val", "test") if k in metrics}
     save_model(final, run_dir / "model.ckpt", task=cfg.task, seed=cfg.seed)
     write_json(metrics, run_dir / "metrics.json")

