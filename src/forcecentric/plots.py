@@ -69,6 +69,18 @@ def learning_curve(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
     return _write_png(fig, Path(out_png))
 
 
+def _parity_panel(ax, ref: np.ndarray, pred: np.ndarray, what: str, name: str, unit: str, size: float) -> None:
+    ax.scatter(ref, pred, s=size, alpha=0.4)
+    lim = [float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))]
+    ax.plot(lim, lim, "k--", lw=0.8)
+    if math.isfinite(lim[0]) and lim[1] > lim[0]:
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+    ax.set_xlabel(f"reference {what}")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"{name}  MAE {1000 * float(np.abs(ref - pred).mean()):.1f} {unit}")
+
+
 def parity(
     ref_f: np.ndarray,
     pred_f: np.ndarray,
@@ -81,26 +93,9 @@ def parity(
     n = 2 if ref_e is not None and len(ref_e) else 1
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.5))
     axes = np.atleast_1d(axes)
-    ax = axes[0]
-    ax.scatter(ref_f.ravel(), pred_f.ravel(), s=2, alpha=0.3)
-    lim = [float(min(ref_f.min(), pred_f.min())), float(max(ref_f.max(), pred_f.max()))]
-    ax.plot(lim, lim, "k--", lw=0.8)
-    mae = float(np.abs(ref_f - pred_f).mean())
-    ax.set_xlabel("reference force component (eV/A)")
-    ax.set_ylabel("predicted (eV/A)")
-    ax.set_title(f"forces  MAE {mae * 1000:.1f} meV/A")
+    _parity_panel(axes[0], ref_f.ravel(), pred_f.ravel(), "force component (eV/A)", "forces", "meV/A", 2)
     if n == 2:
-        ax = axes[1]
-        ax.scatter(ref_e, pred_e, s=6, alpha=0.5)
-        lim = [float(min(ref_e.min(), pred_e.min())), float(max(ref_e.max(), pred_e.max()))]
-        ax.plot(lim, lim, "k--", lw=0.8)
-        emae = float(np.abs(ref_e - pred_e).mean())
-        ax.set_xlabel("reference energy (eV)")
-        ax.set_ylabel("predicted (eV)")
-        ax.set_title(f"energy  MAE {emae * 1000:.1f} meV")
-        if math.isfinite(lim[0]) and lim[1] - lim[0] > 0:
-            ax.set_xlim(lim)
-            ax.set_ylim(lim)
+        _parity_panel(axes[1], np.asarray(ref_e), np.asarray(pred_e), "energy (eV)", "energy", "meV", 6)
     if title:
         fig.suptitle(title)
     return _write_png(fig, Path(out_png))
