@@ -190,3 +190,23 @@ def test_training_reads_a_store_lazily(tmp_path, morse_file):
     assert metrics["train_size"] == n - 16 and metrics["test"]["n_conformations"] == 8
     model = load(tmp_path / "run" / "model.ckpt")
     assert model.metadata["data"]["train"]["n_conformations"] == n - 16
+
+
+def test_source_weights_steer_the_training_sampler(tmp_path, morse_file):
+    import ase.io
+
+    from conftest import morse_frames
+    from forcecentric.train.datamodule import ForceFieldDataModule
+
+    other = tmp_path / "other.extxyz"
+    frames = morse_frames(40, seed=3)
+    for a in frames:
+        a.info["source"] = "second"
+    ase.io.write(other, frames, format="extxyz")
+    cfg = _cfg(tmp_path, morse_file, **{"data.train": [str(morse_file), str(other)], "data.n_val": 4,
+                                        "data.n_test": 0, "data.source_weights": {"second": 1.0}})
+    dm = ForceFieldDataModule(cfg.data, seed=0)
+    dm.setup()
+    drawn = list(dm.train_dataloader().sampler)
+    assert len(drawn) == len(dm.train_set)
+    assert {dm.train_set[i].source for i in drawn} == {"second"}

@@ -129,6 +129,9 @@ class DataConfig(_Strict):
     n_val: int | float = Field(0.1, description="count or fraction taken from train when val empty")
     n_test: int | float = Field(0, description="count or fraction taken from train when test empty")
     split_by_molecule: bool = Field(False, description="keep each molecule in one split only")
+    source_weights: dict[str, float] | None = Field(
+        None, description="relative sampling weight per source name (None: uniform over conformations)"
+    )
     batch_size: int = Field(16, gt=0)
     val_batch_size: int | None = None
     num_workers: int = Field(0, ge=0)

@@ -65,6 +65,18 @@ def _concat(parts: list) -> torch.utils.data.Dataset:
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
+def _sources(ds) -> list[str]:
+    """Source name of every item of a dataset (stores answer from their index, not by reading)."""
+    if isinstance(ds, ConformationDataset):
+        return [r.source for r in ds.records]
+    if isinstance(ds, torch.utils.data.Subset):
+        names = _sources(ds.dataset)
+        return [names[i] for i in ds.indices]
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        return [n for part in ds.datasets for n in _sources(part)]
+    return [str(s) for s in ds.sources()]
+
+
 def _mol_ids(parts: list) -> list[str]:
     ids: list[str] = []
     for ds in parts:
@@ -155,8 +167,14 @@ class ForceFieldDataModule(pl.LightningDataModule):
 
     def _loader(self, ds, shuffle: bool, batch_size: int) -> torch.utils.data.DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if shuffle and self.config.source_weights:
+            from ..data.store import WeightedSourceSampler
+
+            sampler = WeightedSourceSampler(_sources(ds), self.config.source_weights, len(ds), self.seed)
+            shuffle = False
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+            ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
             num_workers=self.config.num_workers, generator=gen,
             persistent_workers=self.config.num_workers > 0,
         )
