@@ -1067,11 +1067,11 @@ def label_to_shards(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import tblite
+    from importlib.metadata import version
 
     record = {
         "method": "GFN2-xTB",
-        "program": f"tblite {getattr(tblite, '__version__', '?')}",
+        "program": f"tblite {version('tblite')}",
         "conformers": "RDKit ETKDGv3 (+ MMFF), minima optimized with GFN2-xTB",
         "molecules_per_shard": molecules_per_shard,
         "n_molecules": len(molecules),

@@ -26,9 +26,11 @@ def resolve_path(spec: str) -> Path:
     """``bundled:NAME`` names a dataset shipped with the package; anything else is a path."""
     if spec.startswith(BUNDLED_PREFIX):
         name = spec[len(BUNDLED_PREFIX):]
-        candidates = sorted(bundled_dir().glob(name + "*"))
+        if (bundled_dir() / name).exists():
+            return bundled_dir() / name
+        candidates = sorted(bundled_dir().glob(name + ".*"))
         if not candidates:
-            known = sorted(p.stem for p in bundled_dir().glob("*.extxyz"))
+            known = sorted({p.stem for p in bundled_dir().iterdir() if p.suffix in (".extxyz", "")})
             raise DataError(f"no bundled dataset {name!r}; bundled datasets: {known}")
         return candidates[0]
     return Path(spec)
