@@ -23,7 +23,10 @@ def _resolve_sizes(n: int, sizes: Sequence[float | int | None]) -> list[int]:
         raise DataError("at most one split size may be left open (None)")
     fixed = sum(c for c in counts if c is not None)
     if fixed > n:
-        raise DataError(f"split sizes {list(sizes)} ask for {fixed} items but only {n} exist")
+        raise DataError(
+            f"split sizes {list(sizes)} ask for {fixed} items but only {n} exist "
+            "(set data.n_train, data.n_val and data.n_test to fit the data)"
+        )
     return [n - fixed if c is None else c for c in counts]
 
 
