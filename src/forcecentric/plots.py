@@ -95,7 +95,9 @@ def parity(
     axes = np.atleast_1d(axes)
     _parity_panel(axes[0], ref_f.ravel(), pred_f.ravel(), "force component (eV/A)", "forces", "meV/A", 2)
     if n == 2:
-        _parity_panel(axes[1], np.asarray(ref_e), np.asarray(pred_e), "energy (eV)", "energy", "meV", 6)
+        ref_e, pred_e = np.asarray(ref_e, dtype=float), np.asarray(pred_e, dtype=float)
+        mean = float(ref_e.mean())  # shift so the ticks stay readable for totals of ~1e3-1e4 eV
+        _parity_panel(axes[1], ref_e - mean, pred_e - mean, f"energy - ({mean:.2f} eV)", "energy", "meV", 6)
     if title:
         fig.suptitle(title)
     return _write_png(fig, Path(out_png))

@@ -54,6 +54,8 @@ class ForceFieldModule(pl.LightningModule):
         if bool(fa.any()):
             mae = (out["forces"][fa] - b.forces[fa]).abs().mean()
             self.log(f"{stage}/force_mae", mae, batch_size=int(fa.sum()), sync_dist=True)
+        if self.config.loss.energy <= 0:  # energies not trained (pre-training): their MAE means nothing
+            return
         eg = b.has_energy & ~b.equilibrium
         eg = eg & (torch.arange(b.n_graphs, device=eg.device) < n)
         if bool(eg.any()):
