@@ -15,19 +15,27 @@ from .data.dataset import collate
 from .errors import ElementError
 
 
+def unknown_elements(known, z) -> str | None:
+    """A message naming the elements of ``z`` outside ``known`` (None when all are known or
+    ``known`` is empty, i.e. the model records no element set)."""
+    known = set(known or [])
+    unknown = sorted({int(x) for x in np.unique(z)} - known) if known else []
+    if not unknown:
+        return None
+    return (
+        f"element(s) {[chemical_symbols[u] for u in unknown]} the model was not trained on "
+        f"(it knows {[chemical_symbols[e] for e in sorted(known)]})"
+    )
+
+
 def check_elements(model, records: Sequence[Conformation], file: str | None = None) -> None:
     """Raise :class:`ElementError` when a record holds an element the model was not trained on."""
-    known = set(getattr(model, "elements", []) or [])
-    if not known:
-        return
+    known = getattr(model, "elements", None)
     for i, r in enumerate(records):
-        unknown = sorted(set(int(z) for z in np.unique(r.z)) - known)
-        if unknown:
+        problem = unknown_elements(known, r.z)
+        if problem:
             where = (f"file {file!r}, " if file else "") + f"record {i}"
-            raise ElementError(
-                f"{where}: element(s) {[chemical_symbols[z] for z in unknown]} not in the model's "
-                f"training elements {[chemical_symbols[z] for z in sorted(known)]}"
-            )
+            raise ElementError(f"{where}: {problem}")
 
 
 def predict(model, records: Sequence[Conformation], batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:

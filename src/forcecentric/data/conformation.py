@@ -92,7 +92,7 @@ class Conformation:
                 if fmax > max_force:
                     fail(f"force component {fmax:.3g} eV/A exceeds the bound {max_force} eV/A")
         if n > 1:
-            dmin, (i, j) = _min_distance(self.pos)
+            dmin, (i, j) = closest_pair(self.pos)
             if dmin < min_distance:
                 fail(
                     f"atoms {i} and {j} are {dmin:.4f} A apart (closer than {min_distance} A)"
@@ -100,8 +100,10 @@ class Conformation:
         return self
 
 
-def _min_distance(pos: np.ndarray) -> tuple[float, tuple[int, int]]:
-    """Smallest interatomic distance and the pair that has it."""
+def closest_pair(pos: np.ndarray) -> tuple[float, tuple[int, int]]:
+    """Smallest interatomic distance and the pair that has it (inf for fewer than 2 atoms)."""
+    if len(pos) < 2:
+        return float("inf"), (0, 0)
     n = pos.shape[0]
     if n <= 2000:
         d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)

@@ -64,6 +64,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..errors import DataError
+from .conformation import closest_pair
 
 __all__ = [
     "DEFAULT_SOURCE",
@@ -158,13 +159,6 @@ def _n_fragments(atoms: Atoms, mult: float = _BOND_MULT_FRAME) -> int:
 def _bond_set(atoms: Atoms, mult: float) -> set[tuple[int, int]]:
     graph = _bond_graph(atoms, mult).tocoo()
     return {(int(i), int(j)) for i, j in zip(graph.row, graph.col) if i < j}
-
-
-def _min_distance(positions: np.ndarray) -> float:
-    if len(positions) < 2:
-        return math.inf
-    d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
-    return float(d[np.triu_indices(len(positions), k=1)].min())
 
 
 def _check_finite(name: str, what: str, energy: float, forces: np.ndarray) -> None:
@@ -632,7 +626,7 @@ def filter_frames(
         if not np.all(np.isfinite(forces)):
             raise DataError(f"molecule {_name_of(atoms)!r}: non-finite forces", record=i)
         fmax = float(np.abs(forces).max()) if forces.size else 0.0
-        dmin = _min_distance(atoms.get_positions())
+        dmin, _ = closest_pair(atoms.get_positions())
         if fmax > max_force:
             dropped.append((i, f"max |force| {fmax:.2f} eV/Å > {max_force} eV/Å"))
         elif dmin < min_distance:

@@ -11,6 +11,7 @@ from ase.calculators.calculator import all_changes
 
 from ..checkpoint import load, resolve_dtype
 from ..errors import DataError, ElementError
+from ..evaluation import unknown_elements
 
 
 class Calculator(_AseCalculator):
@@ -38,16 +39,11 @@ class Calculator(_AseCalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         z = self.atoms.numbers
-        if self.elements:
-            unknown = sorted(set(int(x) for x in np.unique(z)) - self.elements)
-            if unknown:
-                from ase.data import chemical_symbols
-
-                raise ElementError(
-                    f"structure {self.atoms.get_chemical_formula()} contains "
-                    f"{[chemical_symbols[u] for u in unknown]}, which the model {self.source!r} "
-                    f"was not trained on (it knows {[chemical_symbols[e] for e in sorted(self.elements)]})"
-                )
+        problem = unknown_elements(self.elements, z)
+        if problem:
+            raise ElementError(
+                f"structure {self.atoms.get_chemical_formula()} (model {self.source!r}): {problem}"
+            )
         if self.atoms.pbc.any():
             raise DataError("periodic structures are not supported yet: set atoms.pbc = False")
         zt = torch.as_tensor(z, dtype=torch.long, device=self.device)
