@@ -11,8 +11,6 @@ Latency is the median over repeats after warm-up, eval mode, forces by autograd.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import forcecentric
 from forcecentric.config import ModelConfig
+from forcecentric.evaluation import write_json
+from forcecentric.provenance import machine_info
 from forcecentric.nn.model import ForceField
 
 SIZES = {
@@ -82,18 +81,11 @@ def main() -> None:
                   f"median {rows[-1]['latency_ms_median']:.2f} ms")
     result = {
         "benchmark": "single-molecule energy + forces latency",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "device": str(dev), "threads": args.threads,
-                    "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "forcecentric": forcecentric.__version__},
+        "machine": machine_info(str(dev)),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    print(f"-> {write_json(result, args.out)}")
 
 
 if __name__ == "__main__":

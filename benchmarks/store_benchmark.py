@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -28,6 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from forcecentric.provenance import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 ELEMENTS = np.array([1, 6, 7, 8, 9, 16, 17])
@@ -177,39 +177,6 @@ def _subprocess(args: list[str], timeout: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine_info() -> dict:
-    import h5py
-    import torch
-
-    import forcecentric
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cores": cores,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "h5py": h5py.__version__,
-        "hdf5": h5py.version.hdf5_version,
-        "numpy": np.__version__,
-        "forcecentric": forcecentric.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

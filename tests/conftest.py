@@ -55,3 +55,16 @@ def morse_file(tmp_path) -> Path:
     path = tmp_path / "morse.extxyz"
     ase.io.write(path, morse_frames(40, equilibrium_every=5), format="extxyz")
     return path
+
+
+@pytest.fixture
+def model_path(tmp_path, tiny_config) -> Path:
+    """An untrained tiny ET for H, C, O saved as a model checkpoint (random but smooth forces)."""
+    from forcecentric.checkpoint import save_model
+    from forcecentric.nn.model import ForceField
+
+    torch.manual_seed(0)
+    model = ForceField(tiny_config)
+    model.set_normalization(scale=0.5, atomref={1: -13.0, 6: -1000.0, 8: -2000.0})
+    model.elements = [1, 6, 8]
+    return save_model(model, tmp_path / "model.ckpt")

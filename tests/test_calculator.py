@@ -12,18 +12,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
 import forcecentric
-from forcecentric.checkpoint import save_model
 from forcecentric.errors import ElementError
 from forcecentric.nn.model import ForceField
-
-
-@pytest.fixture
-def model_path(tmp_path, tiny_config):
-    torch.manual_seed(0)
-    model = ForceField(tiny_config)
-    model.set_normalization(scale=0.5, atomref={1: -13.0, 6: -1000.0, 8: -2000.0})
-    model.elements = [1, 6, 8]
-    return save_model(model, tmp_path / "model.ckpt")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -170,6 +170,62 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    import warnings
+
+    from .md.calculator import Calculator
+    from .md.simulate import MAX_SANE_TIMESTEP_FS, check_out_dir, md_settings, read_structure, simulate
+
+    steps = args.steps
+    if args.time_ps is not None:
+        if steps is not None:
+            raise ForceCentricError("give either --steps or --time-ps, not both")
+        steps = max(1, round(args.time_ps * 1000.0 / args.timestep))
+    settings = md_settings(
+        temperature=args.temperature, timestep_fs=args.timestep, steps=steps or 1000, ensemble=args.ensemble,
+        tdamp_fs=args.tdamp, friction_per_fs=args.friction, save_every=args.save_every, log_every=args.log_every,
+        seed=args.seed, bond_threshold=args.bond_threshold, max_temperature=args.max_temperature,
+        trajectory_format=args.format,
+    )
+    if args.timestep > MAX_SANE_TIMESTEP_FS:
+        print(f"forcecentric simulate: warning: timestep {args.timestep} fs is above {MAX_SANE_TIMESTEP_FS} fs; "
+              "hydrogen vibrations are poorly resolved", file=sys.stderr)
+    # Every check that can fail runs before the first step; --overwrite deletes nothing until the
+    # structure and the model have loaded.
+    check_out_dir(args.out, args.resume, args.overwrite)
+    atoms, source = read_structure(args.structure, seed=args.seed)
+    calc = Calculator(args.model, device=args.device, dtype=args.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the timestep warning was printed above
+        summary = simulate(
+            calc, atoms, args.out, settings, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.no_progress, elements=calc.elements,
+            metadata={"model": str(args.model), "structure": source, "device": args.device, "dtype": args.dtype},
+        )
+    keys = ("steps_completed", "simulated_time_ps", "stable_time_ps", "stopped_reason", "steps_per_second",
+            "ns_per_day", "temperature_mean_K", "conserved_energy_drift_eV_per_atom_per_ps")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    if summary["stopped_reason"]:
+        print(f"forcecentric simulate: stopped at step {summary['stopped_at_step']} "
+              f"({summary['stopped_at_ps']:.3f} ps): {summary['stopped_reason']}; "
+              f"trajectory up to the last saved frame is in {args.out} (continue with --resume)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_md_benchmark(args) -> int:
+    from .md.benchmark import load_benchmark_config, markdown_table, run_benchmark
+
+    over = _overrides(args.set)
+    if args.out:
+        over["out"] = args.out
+    cfg = load_benchmark_config(_preset_or_path(args.config), over)
+    report = run_benchmark(cfg, workers=args.workers, progress=not args.no_progress)
+    print(markdown_table(report))
+    print(f"results: {Path(cfg.out) / 'md_benchmark.json'} (+ .md and PNG plots)")
+    return 0
+
+
 def cmd_build_data(args) -> int:
     from .data.build import build_store
 
@@ -284,6 +340,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing store")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_build_data)
+
+    sp = sub.add_parser("simulate", help="molecular dynamics with a model (NVT Nose-Hoover / Langevin or NVE)",
+                        description="Runs MD of one molecule with a model checkpoint through ASE's integrators. "
+                        "Writes OUT/trajectory.extxyz (every --save-every steps), OUT/thermo.csv, OUT/summary.json "
+                        "(steps_completed, stable_time_ps, stopped_reason, steps_per_second, ns_per_day, ...). "
+                        "Stops at the first non-finite prediction, bond deviating more than --bond-threshold A "
+                        "from the starting structure, or temperature above --max-temperature; --resume continues "
+                        "from the last saved frame. Exit status 3 when the run stopped early.", formatter_class=fmt)
+    sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
+    sp.add_argument("--structure", required=True, help="starting structure: any ASE-readable file (first frame) or a SMILES")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--temperature", type=float, default=300.0, help="temperature (K)")
+    sp.add_argument("--timestep", type=float, default=0.5, help="timestep (fs); a warning above 2 fs")
+    sp.add_argument("--steps", type=int, default=None, help="number of steps (default 1000)")
+    sp.add_argument("--time-ps", type=float, default=None, help="simulated time (ps) instead of --steps")
+    sp.add_argument("--ensemble", default="nose-hoover", choices=["nose-hoover", "langevin", "nve"])
+    sp.add_argument("--tdamp", type=float, default=50.0, help="Nose-Hoover chain time constant (fs)")
+    sp.add_argument("--friction", type=float, default=0.01, help="Langevin friction (1/fs)")
+    sp.add_argument("--save-every", type=int, default=10, help="trajectory frame every k steps")
+    sp.add_argument("--log-every", type=int, default=None, help="thermo line every k steps (default: --save-every)")
+    sp.add_argument("--format", default="extxyz", choices=["extxyz", "traj"], help="trajectory format")
+    sp.add_argument("--seed", type=int, default=0, help="seed of initial velocities, Langevin noise and embedding")
+    sp.add_argument("--bond-threshold", type=float, default=0.5, help="bond deviation (A) that stops the run")
+    sp.add_argument("--max-temperature", type=float, default=None, help="stop above this temperature (K; default 5x target)")
+    sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    sp.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved frame")
+    sp.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_simulate)
+
+    sp = sub.add_parser("md-benchmark", help="MD stability / h(r) benchmark over models, molecules and seeds",
+                        description="Runs the protocol of Fu et al. (TMLR 2023) for every model x molecule x seed "
+                        "in the config (GFN2-xTB reference runs where no reference frames are given), and writes "
+                        "OUT/md_benchmark.json, OUT/md_benchmark.md and PNG plots. Finished runs are skipped and "
+                        "interrupted ones resumed when it is run again.", formatter_class=fmt)
+    sp.add_argument("-c", "--config", default="md_stability", help="YAML config file or preset name")
+    sp.add_argument("--out", default=None, help="output folder (overrides out in the config)")
+    sp.add_argument("--workers", type=int, default=1, help="parallel MD processes (one torch thread each)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set protocol.steps=2000 (repeatable)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_md_benchmark)
 
     sp = sub.add_parser("demo", help="pre-train, fine-tune on a held-out molecule and evaluate, on bundled data",
                         description="The main job on the bundled GFN2-xTB data: a short force-centric pre-training, "

@@ -186,8 +186,13 @@ class RunConfig(_Strict):
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML run config, apply dotted-key ``overrides`` and validate."""
-    data = load_yaml(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
+    data = apply_overrides(load_yaml(path) if path is not None else {}, overrides or {})
+    return validate(RunConfig, data, source=repr(str(path)) if path else "<defaults>")
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``optim.lr``) of a nested config mapping in place; returns it."""
+    for key, value in overrides.items():
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
@@ -195,4 +200,4 @@ def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | 
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set '{key}': '{p}' is not a mapping")
         node[parts[-1]] = value
-    return validate(RunConfig, data, source=repr(str(path)) if path else "<defaults>")
+    return data

@@ -101,3 +101,57 @@ def parity(
     if title:
         fig.suptitle(title)
     return _write_png(fig, Path(out_png))
+
+
+def md_stable_times(table: list[dict], protocol: dict, out_png: str | Path) -> Path:
+    """Grouped bars: mean stable time (± std over seeds) per model, one group per molecule."""
+    molecules = list(dict.fromkeys(r["molecule"] for r in table))
+    models = list(dict.fromkeys(r["model"] for r in table))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(molecules) * max(1, len(models) / 2), 3.6))
+    x = np.arange(len(molecules))
+    for k, model in enumerate(models):
+        rows = {r["molecule"]: r for r in table if r["model"] == model}
+        mean = [rows[m]["stable_time_ps_mean"] if m in rows else np.nan for m in molecules]
+        std = [rows[m]["stable_time_ps_std"] if m in rows else 0.0 for m in molecules]
+        ax.bar(x + (k - (len(models) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=model)
+    total = protocol["steps"] * protocol["timestep_fs"] * 1e-3
+    ax.axhline(total, color="k", lw=0.8, ls="--", label=f"run length ({total:g} ps)")
+    ax.set_xticks(x, molecules)
+    ax.set_ylabel("stable time (ps)")
+    ax.set_title(f"MD stability, {protocol['ensemble']} {protocol['temperature']:g} K, {protocol['timestep_fs']:g} fs",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return _write_png(fig, Path(out_png))
+
+
+def md_hr_curves(curves: dict[str, list | None], r_max: float, molecule: str, out_png: str | Path) -> Path:
+    """h(r) of each model (pooled over seeds, stable frames only) against the reference's."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, h in curves.items():
+        if h is None:
+            continue
+        h = np.asarray(h)
+        r = (np.arange(len(h)) + 0.5) * r_max / len(h)
+        ref = name == "reference"
+        ax.plot(r, h, color="k" if ref else None, lw=2.0 if ref else 1.0, alpha=1.0 if ref else 0.8,
+                label=name)
+    ax.set_xlabel("r (Å)")
+    ax.set_ylabel("h(r) (1/Å)")
+    ax.set_title(f"{molecule}: interatomic distance distribution", fontsize=9)
+    ax.legend(fontsize=7)
+    return _write_png(fig, Path(out_png))
+
+
+def md_energy_traces(traces: dict[str, tuple[list, list]], molecule: str, out_png: str | Path) -> Path:
+    """Potential energy against time, one line per model (first seed) and the reference run."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, (t, e) in traces.items():
+        e = np.asarray(e, dtype=float)
+        if len(e):
+            ax.plot(t, e - e[0], lw=0.8, label=name)
+    ax.set_xlabel("time (ps)")
+    ax.set_ylabel("E_pot - E_pot(0) (eV)")
+    ax.set_title(f"{molecule}: potential energy along MD", fontsize=9)
+    ax.legend(fontsize=7)
+    return _write_png(fig, Path(out_png))
