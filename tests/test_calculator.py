@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms, units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.build import molecule
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
@@ -54,7 +54,7 @@ def test_works_with_ase_optimizer_and_md(model_path):
     e0 = atoms.get_potential_energy()
     BFGS(atoms, logfile=None).run(fmax=0.05, steps=30)
     assert atoms.get_potential_energy() <= e0 + 1e-9
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
     etot0 = atoms.get_potential_energy() + atoms.get_kinetic_energy()
     dyn.run(20)

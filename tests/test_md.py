@@ -34,8 +34,9 @@ class PullApart(AseCalculator):
     implemented_properties = ["energy", "forces"]
 
     def __init__(self, pull: float = 0.0, k: float = 20.0, nan_at: int | None = None,
-                 interrupt_at: int | None = None, reference: Atoms | None = None):
+                 interrupt_at: int | None = None, reference: Atoms | None = None, pair=(0, 1)):
         super().__init__()
+        self.pair = pair
         self.pull, self.k, self.nan_at, self.interrupt_at = pull, k, nan_at, interrupt_at
         self.calls = 0
         self.bonds = None if reference is None else reference_bonds(reference)
@@ -56,9 +57,10 @@ class PullApart(AseCalculator):
         f = np.zeros_like(pos)
         np.add.at(f, pairs[:, 0], g)
         np.add.at(f, pairs[:, 1], -g)
-        u = (pos[0] - pos[1]) / np.linalg.norm(pos[0] - pos[1])
-        f[0] += self.pull * u
-        e -= self.pull * float(np.dot(pos[0] - pos[1], u))
+        a, b = self.pair
+        u = (pos[a] - pos[b]) / np.linalg.norm(pos[a] - pos[b])
+        f[a] += self.pull * u
+        e -= self.pull * float(np.linalg.norm(pos[a] - pos[b]))
         if self.nan_at is not None and self.calls >= self.nan_at:
             f[:] = np.nan
         self.results = {"energy": e, "forces": f}
@@ -98,7 +100,7 @@ def test_model_drives_nve_and_conserves_energy(tmp_path, model_path):
 
     calc = Calculator(model_path, dtype="float64")
     s = md_settings(ensemble="nve", temperature=300, timestep_fs=0.25, steps=400, save_every=10, log_every=1,
-                    bond_threshold=5.0)  # an untrained model: only conservation is tested here
+                    bond_threshold=5.0, min_distance=0)  # untrained model: only conservation is tested
     summary = simulate(calc, molecule("CH3CH2OH"), tmp_path / "nve", s, progress=False)
     th = read_thermo(tmp_path / "nve" / "thermo.csv")
     assert summary["stopped_reason"] is None
@@ -130,6 +132,27 @@ def test_bond_stretch_stops_at_the_first_unstable_frame_and_resumes(tmp_path):
     assert again["stable_time_ps"] == pytest.approx(step * 0.5e-3)
     steps = [a.info["step"] for a in read(out / "trajectory.extxyz", index=":")]
     assert steps == list(range(0, step + 21, 5))
+
+
+def test_atoms_collapsing_onto_each_other_stop_the_run(tmp_path):
+    """Two hydrogens of one carbon pushed together: every bond keeps its length (Fu et al.'s
+    criterion stays blind) but the collapse watcher stops the run."""
+    atoms = molecule("CH3CH2OH")
+    pairs, _ = reference_bonds(atoms)
+    h = [int(j) for i, j in pairs if atoms.numbers[i] == 6 and atoms.numbers[j] == 1]
+    h += [int(i) for i, j in pairs if atoms.numbers[j] == 6 and atoms.numbers[i] == 1]
+    carbon_of = {k: int(i if atoms.numbers[j] == 1 else j) for i, j in pairs for k in (i, j)
+                 if atoms.numbers[k] == 1 and 6 in (atoms.numbers[i], atoms.numbers[j])}
+    h1, h2 = next((a, b) for a in h for b in h if a < b and carbon_of[a] == carbon_of[b])
+    s = md_settings(temperature=20, timestep_fs=0.25, steps=2000, save_every=5, max_temperature=1e6)
+    summary = simulate(PullApart(pull=-8.0, pair=(h1, h2), k=80.0), atoms, tmp_path / "md", s, progress=False)
+    assert summary["stopped_reason"].startswith(f"atoms {h1} (H) and {h2} (H) collapsed")
+    frames = read(tmp_path / "md" / "trajectory.extxyz", index=":")
+    pos = np.stack([a.positions for a in frames])
+    pairs, lengths = reference_bonds(atoms)
+    assert first_unstable_frame(pos, pairs, lengths, 0.5) is None  # bonds alone see nothing
+    assert first_unstable_frame(pos, pairs, lengths, 0.5, min_distance=0.5) == len(frames) - 1
+    assert summary["stable_time_ps"] == pytest.approx(frames[-1].info["time_ps"])
 
 
 def test_non_finite_forces_stop_the_run_and_keep_the_trajectory(tmp_path):
@@ -249,3 +272,20 @@ def test_md_benchmark_end_to_end(tmp_path, model_path, morse_file):
     mtime = (tmp_path / "bench" / "runs" / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime
     assert main(["md-benchmark", "-c", str(path), "--no-progress"]) == 0
     assert (tmp_path / "bench" / "runs" / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime == mtime
+
+
+def test_ase_trajectory_format_and_resume(tmp_path):
+    from ase.io import Trajectory
+
+    s = md_settings(temperature=300, steps=40, save_every=10, trajectory_format="traj")
+    atoms = molecule("CH3CH2OH")
+    out = tmp_path / "md"
+    with pytest.raises(KeyboardInterrupt):
+        simulate(PullApart(interrupt_at=32, reference=atoms), atoms, out, s, progress=False)
+    with Trajectory(out / "trajectory.traj") as t:
+        assert len(t) == 4  # steps 0, 10, 20, 30
+    summary = simulate(PullApart(reference=atoms), None, out, s, resume=True, progress=False)
+    assert summary["steps_completed"] == 40 and summary["frames_saved"] == 5
+    with Trajectory(out / "trajectory.traj") as t:
+        assert [a.info["step"] for a in t] == [0, 10, 20, 30, 40]
+        assert np.isfinite(t[-1].get_momenta()).all() and np.abs(t[-1].get_momenta()).sum() > 0

@@ -282,3 +282,14 @@ def test_simulation_speed():
     assert speed["ns_per_day"] == pytest.approx(4.32)
     with pytest.raises(ValueError, match="wall_s"):
         simulation_speed(1000, 0.5, 0.0)
+
+
+def test_min_pair_distance_per_frame():
+    line = np.array([[0.0, 0.0, 0.0], [1.005, 0.0, 0.0], [2.51, 0.0, 0.0]])
+    squeezed = line.copy()
+    squeezed[2, 0] = 1.2
+    d = metrics.min_pair_distance(np.stack([line, squeezed]))
+    np.testing.assert_allclose(d, [1.005, 0.195])
+    pairs, lengths = np.array([[0, 1]]), np.array([1.005])
+    assert metrics.first_unstable_frame(np.stack([line, squeezed]), pairs, lengths, 0.5) is None
+    assert metrics.first_unstable_frame(np.stack([line, squeezed]), pairs, lengths, 0.5, min_distance=0.5) == 1

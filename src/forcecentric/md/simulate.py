@@ -48,7 +48,7 @@ MAX_SANE_TIMESTEP_FS = 2.0
 #: Atoms closer than this (Å) in the starting structure are refused as overlapping.
 MIN_START_DISTANCE = 0.5
 #: Settings that do not change the dynamics and may differ when a run is resumed.
-_RESUME_MAY_CHANGE = frozenset({"steps", "bond_threshold", "bond_mult", "max_temperature"})
+_RESUME_MAY_CHANGE = frozenset({"steps", "bond_threshold", "bond_mult", "max_temperature", "min_distance"})
 THERMO_FIELDS = ("step", "time_ps", "epot_eV", "ekin_eV", "etot_eV", "temperature_K", "conserved_eV")
 
 
@@ -69,6 +69,9 @@ class MDSettings(BaseModel):
     seed: int = 0
     bond_threshold: PositiveFloat = Field(0.5, description="bond deviation (Å) that counts as unstable")
     bond_mult: PositiveFloat = Field(1.0, description="multiplier of ASE natural cutoffs for bonds")
+    min_distance: float | None = Field(
+        0.5, ge=0, description="stop when two atoms come closer than this (A); 0 or None: bonds only (Fu et al.)"
+    )
     max_temperature: PositiveFloat | None = Field(
         None, description="stop above this temperature (K); default 5x the target temperature"
     )
@@ -442,6 +445,12 @@ def simulate(
                         i, j = pairs[k]
                         raise _Stop(step, f"bond {i}-{j} deviates {dev:+.2f} A from its reference length "
                                           f"{lengths[k]:.2f} A (threshold {s.bond_threshold} A)")
+                    if s.min_distance:
+                        dmin, (i, j) = closest_pair(pos)
+                        if dmin < s.min_distance:
+                            sym = atoms.get_chemical_symbols()
+                            raise _Stop(step, f"atoms {i} ({sym[i]}) and {j} ({sym[j]}) collapsed to {dmin:.2f} A "
+                                              f"apart (below min_distance {s.min_distance} A)")
                     if bar is not None:
                         el = time.perf_counter() - t0
                         bar.n = step

@@ -143,7 +143,24 @@ def worst_bond(positions: np.ndarray, pairs: np.ndarray, lengths: np.ndarray) ->
     return k, float(d[k])
 
 
-def first_unstable_frame(positions: np.ndarray, pairs, lengths, threshold: float = 0.5) -> int | None:
+def min_pair_distance(positions: np.ndarray) -> np.ndarray:
+    """Smallest interatomic distance of every frame of a (T, N, 3) trajectory, in Angstrom (NaN
+    for frames with non-finite positions)."""
+    traj = _as_trajectory(positions)
+    t, n, _ = traj.shape
+    out = np.empty(t)
+    iu = np.triu_indices(n, k=1)
+    chunk = max(1, _CHUNK_DISTANCES // max(1, len(iu[0])))
+    for start in range(0, t, chunk):
+        block = traj[start:start + chunk]
+        d = np.linalg.norm(block[:, iu[0]] - block[:, iu[1]], axis=-1)
+        out[start:start + chunk] = d.min(axis=1) if d.shape[1] else np.inf
+    return out
+
+
+def first_unstable_frame(
+    positions: np.ndarray, pairs, lengths, threshold: float = 0.5, min_distance: float | None = None
+) -> int | None:
     """Index of the first frame in which a bond deviates by more than ``threshold``.
 
     Args:
@@ -152,6 +169,9 @@ def first_unstable_frame(positions: np.ndarray, pairs, lengths, threshold: float
         lengths: (B,) reference bond lengths in Angstrom.
         threshold: Largest allowed deviation in Angstrom (0.5 in Fu et al.); a frame is unstable
             only when a deviation is strictly greater.
+        min_distance: Also unstable when any two atoms come closer than this (Angstrom). Fu et
+            al.'s criterion (None) watches bonds only and misses atoms that collapse onto each
+            other while every bond keeps its length (e.g. two hydrogens of a methyl group).
 
     Returns:
         The first unstable frame index, or None if every frame is stable. A frame with any
@@ -161,11 +181,15 @@ def first_unstable_frame(positions: np.ndarray, pairs, lengths, threshold: float
     dev = np.atleast_1d(bond_deviation(traj, pairs, lengths))
     finite = np.isfinite(traj).all(axis=(1, 2)) & np.isfinite(dev)
     unstable = ~finite | (dev > threshold)
+    if min_distance is not None:
+        unstable |= min_pair_distance(traj) < min_distance
     hits = np.flatnonzero(unstable)
     return int(hits[0]) if hits.size else None
 
 
-def stable_time(times_ps: np.ndarray, positions, pairs, lengths, threshold: float = 0.5) -> float:
+def stable_time(
+    times_ps: np.ndarray, positions, pairs, lengths, threshold: float = 0.5, min_distance: float | None = None
+) -> float:
     """Fu et al.'s stability: the simulated time until the trajectory becomes unstable.
 
     Args:
@@ -174,6 +198,7 @@ def stable_time(times_ps: np.ndarray, positions, pairs, lengths, threshold: floa
         pairs: (B, 2) bonded atom indices.
         lengths: (B,) reference bond lengths in Angstrom.
         threshold: Bond-deviation threshold in Angstrom (strictly greater is unstable).
+        min_distance: See :func:`first_unstable_frame` (None: Fu et al.'s bond criterion only).
 
     Returns:
         Time in ps of the first unstable saved frame; the last frame's time if none is unstable.
@@ -184,7 +209,7 @@ def stable_time(times_ps: np.ndarray, positions, pairs, lengths, threshold: floa
         raise ValueError(f"times_ps has {times.shape[0]} entries but the trajectory has {traj.shape[0]} frames")
     if times.shape[0] == 0:
         raise ValueError("stable_time needs at least one frame")
-    k = first_unstable_frame(traj, pairs, lengths, threshold)
+    k = first_unstable_frame(traj, pairs, lengths, threshold, min_distance)
     return float(times[-1] if k is None else times[k])
 
 
