@@ -34,9 +34,11 @@ class PullApart(AseCalculator):
     implemented_properties = ["energy", "forces"]
 
     def __init__(self, pull: float = 0.0, k: float = 20.0, nan_at: int | None = None,
-                 interrupt_at: int | None = None, reference: Atoms | None = None, pair=(0, 1)):
+                 interrupt_at: int | None = None, reference: Atoms | None = None, pair=(0, 1),
+                 refuse_at: int | None = None):
         super().__init__()
         self.pair = pair
+        self.refuse_at = refuse_at
         self.pull, self.k, self.nan_at, self.interrupt_at = pull, k, nan_at, interrupt_at
         self.calls = 0
         self.bonds = None if reference is None else reference_bonds(reference)
@@ -46,6 +48,8 @@ class PullApart(AseCalculator):
         self.calls += 1
         if self.interrupt_at is not None and self.calls == self.interrupt_at:
             raise KeyboardInterrupt
+        if self.refuse_at is not None and self.calls >= self.refuse_at:
+            raise DataError("model predicted a non-finite energy or forces")  # as forcecentric.Calculator does
         pos = self.atoms.positions
         if self.bonds is None:
             self.bonds = reference_bonds(self.atoms)
@@ -165,6 +169,16 @@ def test_non_finite_forces_stop_the_run_and_keep_the_trajectory(tmp_path):
     assert [a.info["step"] for a in frames] == [0, 10, 20, 30]
     assert all(np.isfinite(a.positions).all() for a in frames)
     assert json.loads((out / "state.json").read_text())["step"] == 30
+
+
+@pytest.mark.parametrize("call, step", [(1, 0), (24, 23)])
+def test_calculator_refusing_a_prediction_stops_the_run(tmp_path, call, step):
+    """forcecentric.Calculator raises DataError on non-finite predictions inside the integrator."""
+    s = md_settings(temperature=100, timestep_fs=0.5, steps=50, save_every=10)
+    summary = simulate(PullApart(refuse_at=call), molecule("CH3CH2OH"), tmp_path / "md", s, progress=False)
+    assert summary["stopped_reason"].startswith("non-finite prediction")
+    assert summary["stopped_at_step"] == step and summary["stable_time_ps"] == pytest.approx(step * 0.5e-3)
+    assert json.loads((tmp_path / "md" / "summary.json").read_text())["steps_completed"] == step
 
 
 def test_temperature_runaway_stops(tmp_path):

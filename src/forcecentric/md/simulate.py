@@ -328,7 +328,8 @@ def simulate(
         calc: any ASE calculator giving energy and forces (eV, eV/Å).
         atoms: the starting structure (ignored on resume: the run continues from its last frame).
         out_dir: run directory (created; must be writable).
-        settings: :class:`MDSettings`. On resume only ``steps`` may differ from the stored run.
+        settings: :class:`MDSettings`. On resume only the settings that leave the dynamics
+            unchanged may differ (steps, bond_threshold, bond_mult, max_temperature, min_distance).
         resume: continue the run in ``out_dir`` from its last saved frame.
         overwrite: replace a run already in ``out_dir``.
         progress: show a tqdm bar with the simulated time and ns/day.
@@ -417,51 +418,59 @@ def simulate(
         st = {"step": step, **writer.offsets(), "integrator": _integrator_state(dyn), "first_stop": first_stop}
         _atomic_json(st, state_path)
 
+    def steps():
+        """dyn.irun, turning a calculator's refusal (non-finite prediction) into a stop at its step."""
+        it = dyn.irun(todo) if todo > 0 else iter(())
+        while True:
+            try:
+                next(it)
+            except StopIteration:
+                return
+            except DataError as exc:
+                failed = dyn.nsteps if dyn.nsteps == start_step and state is None else dyn.nsteps + 1
+                raise _Stop(failed, f"non-finite prediction: {exc}") from None
+            yield dyn.nsteps
+
     try:
-        if todo > 0:
-            for _ in dyn.irun(todo):
-                step = dyn.nsteps
-                if step == start_step and state is not None:
-                    continue  # already written before the resume
-                steps_run = step - start_step
-                pos = atoms.positions
-                try:
-                    epot = float(atoms.get_potential_energy())
-                    forces = atoms.get_forces()
-                except DataError as exc:
-                    raise _Stop(step, f"non-finite prediction: {exc}") from None
-                if not (math.isfinite(epot) and np.all(np.isfinite(forces)) and np.all(np.isfinite(pos))):
-                    raise _Stop(step, "non-finite energy, forces or positions")
-                ekin = float(atoms.get_kinetic_energy())
-                temp = float(atoms.get_temperature())
-                if step % s.thermo_every == 0:
-                    etot = epot + ekin
-                    writer.thermo((step, step * dt_ps, epot, ekin, etot, temp, _conserved(dyn, atoms, etot)))
-                if step % s.save_every == 0:
-                    writer.frame(atoms, step, step * dt_ps, epot, forces)
-                    checkpoint(step)
-                    k, dev = worst_bond(pos, pairs, lengths)
-                    if abs(dev) > s.bond_threshold:
-                        i, j = pairs[k]
-                        raise _Stop(step, f"bond {i}-{j} deviates {dev:+.2f} A from its reference length "
-                                          f"{lengths[k]:.2f} A (threshold {s.bond_threshold} A)")
-                    if s.min_distance:
-                        dmin, (i, j) = closest_pair(pos)
-                        if dmin < s.min_distance:
-                            sym = atoms.get_chemical_symbols()
-                            raise _Stop(step, f"atoms {i} ({sym[i]}) and {j} ({sym[j]}) collapsed to {dmin:.2f} A "
-                                              f"apart (below min_distance {s.min_distance} A)")
-                    if bar is not None:
-                        el = time.perf_counter() - t0
-                        bar.n = step
-                        if el > 0 and steps_run:
-                            bar.set_postfix(T=f"{temp:.0f}K", ps=f"{step * dt_ps:.2f}",
-                                            ns_day=f"{simulation_speed(steps_run, s.timestep_fs, el)['ns_per_day']:.3f}",
-                                            refresh=False)
-                        bar.refresh()
-                if temp > s.temperature_limit:
-                    raise _Stop(step, f"temperature runaway: {temp:.0f} K above the limit "
-                                      f"{s.temperature_limit:.0f} K")
+        for step in steps():
+            if step == start_step and state is not None:
+                continue  # already written before the resume
+            steps_run = step - start_step
+            pos = atoms.positions
+            epot = float(atoms.get_potential_energy())
+            forces = atoms.get_forces()
+            if not (math.isfinite(epot) and np.all(np.isfinite(forces)) and np.all(np.isfinite(pos))):
+                raise _Stop(step, "non-finite energy, forces or positions")
+            ekin = float(atoms.get_kinetic_energy())
+            temp = float(atoms.get_temperature())
+            if step % s.thermo_every == 0:
+                etot = epot + ekin
+                writer.thermo((step, step * dt_ps, epot, ekin, etot, temp, _conserved(dyn, atoms, etot)))
+            if step % s.save_every == 0:
+                writer.frame(atoms, step, step * dt_ps, epot, forces)
+                checkpoint(step)
+                k, dev = worst_bond(pos, pairs, lengths)
+                if abs(dev) > s.bond_threshold:
+                    i, j = pairs[k]
+                    raise _Stop(step, f"bond {i}-{j} deviates {dev:+.2f} A from its reference length "
+                                      f"{lengths[k]:.2f} A (threshold {s.bond_threshold} A)")
+                if s.min_distance:
+                    dmin, (i, j) = closest_pair(pos)
+                    if dmin < s.min_distance:
+                        sym = atoms.get_chemical_symbols()
+                        raise _Stop(step, f"atoms {i} ({sym[i]}) and {j} ({sym[j]}) collapsed to {dmin:.2f} A "
+                                          f"apart (below min_distance {s.min_distance} A)")
+                if bar is not None:
+                    el = time.perf_counter() - t0
+                    bar.n = step
+                    if el > 0 and steps_run:
+                        bar.set_postfix(T=f"{temp:.0f}K", ps=f"{step * dt_ps:.2f}",
+                                        ns_day=f"{simulation_speed(steps_run, s.timestep_fs, el)['ns_per_day']:.3f}",
+                                        refresh=False)
+                    bar.refresh()
+            if temp > s.temperature_limit:
+                raise _Stop(step, f"temperature runaway: {temp:.0f} K above the limit "
+                                  f"{s.temperature_limit:.0f} K")
     except _Stop as exc:
         stop = exc
     finally:
