@@ -184,7 +184,8 @@ def cmd_simulate(args) -> int:
     settings = md_settings(
         temperature=args.temperature, timestep_fs=args.timestep, steps=steps or 1000, ensemble=args.ensemble,
         tdamp_fs=args.tdamp, friction_per_fs=args.friction, save_every=args.save_every, log_every=args.log_every,
-        seed=args.seed, bond_threshold=args.bond_threshold, max_temperature=args.max_temperature,
+        seed=args.seed, bond_threshold=args.bond_threshold, min_distance=args.min_distance,
+        max_temperature=args.max_temperature,
         trajectory_format=args.format,
     )
     if args.timestep > MAX_SANE_TIMESTEP_FS:
@@ -346,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Writes OUT/trajectory.extxyz (every --save-every steps), OUT/thermo.csv, OUT/summary.json "
                         "(steps_completed, stable_time_ps, stopped_reason, steps_per_second, ns_per_day, ...). "
                         "Stops at the first non-finite prediction, bond deviating more than --bond-threshold A "
-                        "from the starting structure, or temperature above --max-temperature; --resume continues "
+                        "from the starting structure, two atoms closer than --min-distance A, or temperature "
+                        "above --max-temperature; --resume continues "
                         "from the last saved frame. Exit status 3 when the run stopped early.", formatter_class=fmt)
     sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
     sp.add_argument("--structure", required=True, help="starting structure: any ASE-readable file (first frame) or a SMILES")
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", default="extxyz", choices=["extxyz", "traj"], help="trajectory format")
     sp.add_argument("--seed", type=int, default=0, help="seed of initial velocities, Langevin noise and embedding")
     sp.add_argument("--bond-threshold", type=float, default=0.5, help="bond deviation (A) that stops the run")
+    sp.add_argument("--min-distance", type=float, default=0.5,
+                    help="stop when two atoms come closer than this (A); 0 watches bonds only (Fu et al.)")
     sp.add_argument("--max-temperature", type=float, default=None, help="stop above this temperature (K; default 5x target)")
     sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     sp.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -267,6 +267,8 @@ def analyse(cfg: BenchmarkConfig, starts: dict) -> dict[str, Any]:
             end = cfg.protocol.steps * cfg.protocol.timestep_fs * 1e-3
             maes = [r["hr_mae"] for r in rows if r["hr_mae"] is not None]
             sps = [r["steps_per_second"] for r in rows if r["steps_per_second"]]
+            drifts = [1000 * r["conserved_energy_drift_eV_per_atom_per_ps"] for r in rows
+                      if r["conserved_energy_drift_eV_per_atom_per_ps"] is not None]
             table.append({
                 "model": name, "molecule": mol, "runs": len(rows),
                 "runs_stable_to_end": int(np.sum(st >= end - 1e-9)),
@@ -276,6 +278,7 @@ def analyse(cfg: BenchmarkConfig, starts: dict) -> dict[str, Any]:
                 "hr_mae_mean": float(np.mean(maes)) if maes else None,
                 "hr_mae_std": float(np.std(maes)) if maes else None,
                 "steps_per_second_median": float(np.median(sps)) if sps else None,
+                "conserved_drift_meV_per_atom_per_ps_median": float(np.median(drifts)) if drifts else None,
             })
     return {
         "protocol": cfg.protocol.model_dump(), "seeds": cfg.seeds, "molecules": {k: v.model_dump() for k, v in cfg.molecules.items()},
@@ -293,17 +296,21 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"seeds {report['seeds']}. Unstable from the first saved frame in which a bond deviates more than "
         f"{p['bond_threshold']:g} A from its starting length (Fu et al.)"
         + (f" or two atoms come closer than {p['min_distance']:g} A" if p.get("min_distance") else "") + "; "
-        "the bond-only column is Fu et al.'s criterion alone. h(r) MAE over the stable frames.",
+        "the bond-only column is Fu et al.'s criterion alone. h(r) MAE over the stable frames; drift: median "
+        "slope of the conserved quantity (with the thermostat's energy for Nose-Hoover).",
         "",
-        "| molecule | model | stable time (ps) | stable to the end | bond-only stable time (ps) | h(r) MAE | steps/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| molecule | model | stable time (ps) | stable to the end | bond-only stable time (ps) | h(r) MAE "
+        "| conserved-energy drift (meV/atom/ps) | steps/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["table"]:
         hr = "n/a" if r["hr_mae_mean"] is None else f"{r['hr_mae_mean']:.3f} ± {r['hr_mae_std']:.3f}"
         sps = "n/a" if r["steps_per_second_median"] is None else f"{r['steps_per_second_median']:.0f}"
+        drift = r.get("conserved_drift_meV_per_atom_per_ps_median")
+        drift = "n/a" if drift is None else f"{drift:+.3f}"
         lines.append(f"| {r['molecule']} | {r['model']} | {r['stable_time_ps_mean']:.2f} ± {r['stable_time_ps_std']:.2f} "
                      f"| {r['runs_stable_to_end']}/{r['runs']} "
-                     f"| {r['bond_stable_time_ps_mean']:.2f} ± {r['bond_stable_time_ps_std']:.2f} | {hr} | {sps} |")
+                     f"| {r['bond_stable_time_ps_mean']:.2f} ± {r['bond_stable_time_ps_std']:.2f} | {hr} | {drift} | {sps} |")
     lines += ["", "h(r) references: " + "; ".join(f"{m}: {s}" for m, s in report["references"].items())]
     return "\n".join(lines) + "\n"
 
