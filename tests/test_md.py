@@ -257,7 +257,7 @@ def test_bad_inputs_fail_before_the_run(tmp_path, model_path, ethanol_file, caps
 
 
 @pytest.mark.skipif(os.environ.get("FORCECENTRIC_NO_XTB") == "1", reason="xTB disabled")
-def test_md_benchmark_end_to_end(tmp_path, model_path, morse_file):
+def test_md_benchmark_end_to_end(tmp_path, model_path, morse_file, capsys):
     pytest.importorskip("tblite")
     import yaml
 
@@ -282,6 +282,14 @@ def test_md_benchmark_end_to_end(tmp_path, model_path, morse_file):
         assert r["runs"] == 2 and r["stable_time_ps_mean"] <= 0.015 + 1e-12
     for name in ("md_benchmark.md", "stable_time.png", "hr_ethanol.png", "hr_water.png", "energy_water.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
+    # a model that cannot run a molecule is refused before any run starts
+    bad = dict(cfg, out=str(tmp_path / "bench2"), molecules={"silane": {"structure": "[SiH4]"}})
+    path2 = tmp_path / "bench2.yaml"
+    path2.write_text(yaml.safe_dump(bad))
+    assert main(["md-benchmark", "-c", str(path2), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "silane" in err and "Si" in err and "model 'a'" in err
+    assert not (tmp_path / "bench2" / "runs").exists()
     # a second call re-analyses without re-running
     mtime = (tmp_path / "bench" / "runs" / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime
     assert main(["md-benchmark", "-c", str(path), "--no-progress"]) == 0

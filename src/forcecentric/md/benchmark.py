@@ -145,6 +145,8 @@ def run_benchmark(cfg: BenchmarkConfig, workers: int = 1, progress: bool = True)
             ckpt = pattern.replace("{molecule}", mol)
             if not Path(ckpt).is_file():
                 raise ConfigError(f"model {name!r} for molecule {mol!r}: checkpoint {ckpt} does not exist")
+            # refuse a model that cannot run the molecule now, not after hours of other runs
+            check_structure(atoms, f"molecule {mol!r} with model {name!r} ({ckpt})", _elements(ckpt))
             for seed in cfg.seeds:
                 s = cfg.protocol.model_copy(update={"seed": seed})
                 tasks.append(_task(cfg, ckpt, mol, seed, atoms, out / "runs" / name / mol / f"seed{seed}", s,
@@ -170,6 +172,12 @@ def run_benchmark(cfg: BenchmarkConfig, workers: int = 1, progress: bool = True)
     report["workers"] = workers
     write_report(report, out)
     return report
+
+
+def _elements(ckpt: str) -> set[int]:
+    from ..checkpoint import load
+
+    return set(getattr(load(ckpt), "elements", []) or [])
 
 
 def _task(cfg, model, mol, seed, atoms, out, settings, model_name=None) -> dict[str, Any]:
