@@ -4,12 +4,13 @@
 #   (b) ET pre-trained on off-equilibrium forces only (zero-force and denoising weights 0),
 #   (c) the full force-centric ET (force matching + zero-force + force-based denoising),
 # each fine-tuned with the same budget on the same 100 frames of molecules held out of
-# pre-training: aspirin (bundled GFN2-xTB frames) and ethanol (rMD17 DFT, ../shared/data).
-# Then `forcecentric md-benchmark -c md_stability` (500 K, 0.5 fs, Nose-Hoover, 10 ps, 3 seeds).
+# pre-training: aspirin (bundled GFN2-xTB frames), ethanol (rMD17 DFT) and 3BPA (DFT), the last
+# two read from ../shared/data. Then `forcecentric md-benchmark -c md_stability` (500 K, 0.5 fs,
+# Nose-Hoover, 20 ps, 3 seeds).
 # Two jobs run side by side with one thread each (2-core machine). Every stage resumes or is
 # skipped when its output exists, so the script can be re-run after an interruption.
 #
-#   bash benchmarks/md_experiment.sh            # ~75 min on 2 CPU cores
+#   bash benchmarks/md_experiment.sh            # about 2.5 hours on 2 CPU cores
 set -euo pipefail
 OUT=${OUT:-runs/md_experiment}
 SHARED=${SHARED:-../shared/data}
@@ -42,10 +43,14 @@ for model in scratch forces_only full; do
   finetune "$model" ethanol "$SHARED/botnet_ethanol_rmd17/train.xyz" &
   wait
 done
+for model in scratch forces_only full; do
+  finetune "$model" 3BPA "$SHARED/botnet_3bpa/train_300K.xyz"
+done
 
 ETH="$SHARED/botnet_ethanol_rmd17/test_MD.xyz"
 forcecentric md-benchmark -c md_stability --out "$OUT/md_benchmark" --workers 2 --no-progress \
   --set molecules.ethanol.structure="$ETH" --set molecules.ethanol.reference="$ETH" \
+  --set molecules.3BPA.structure="$SHARED/botnet_3bpa/train_300K.xyz" \
   --set models.scratch="$OUT/finetune_scratch_{molecule}/model.ckpt" \
   --set models.forces_only="$OUT/finetune_forces_only_{molecule}/model.ckpt" \
   --set models.force_centric="$OUT/finetune_full_{molecule}/model.ckpt"
