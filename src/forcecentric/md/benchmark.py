@@ -304,7 +304,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"seeds {report['seeds']}. Unstable from the first saved frame in which a bond deviates more than "
         f"{p['bond_threshold']:g} A from its starting length (Fu et al.)"
         + (f" or two atoms come closer than {p['min_distance']:g} A" if p.get("min_distance") else "") + "; "
-        "the bond-only column is Fu et al.'s criterion alone. h(r) MAE over the stable frames; drift: median "
+        "the bond-only column is Fu et al.'s criterion alone (a lower bound where the collapse watcher stopped a run). "
+        "h(r) MAE over the stable frames; drift: median "
         "slope of the conserved quantity (with the thermostat's energy for Nose-Hoover).",
         "",
         "| molecule | model | stable time (ps) | stable to the end | bond-only stable time (ps) | h(r) MAE "
