@@ -254,6 +254,8 @@ def test_bad_inputs_fail_before_the_run(tmp_path, model_path, ethanol_file, caps
     assert "does not exist" in capsys.readouterr().err
     assert cli("--out", str(tmp_path / "g"), "--timestep", "-1") == 2
     assert "timestep_fs" in capsys.readouterr().err
+    assert cli("--out", str(tmp_path / "h"), "--timestep", "3", "--min-distance", "0", "--bond-threshold", "50") in (0, 3)
+    assert "forcecentric simulate: warning: timestep 3.0 fs is above 2.0 fs" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.environ.get("FORCECENTRIC_NO_XTB") == "1", reason="xTB disabled")

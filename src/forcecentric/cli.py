@@ -174,7 +174,7 @@ def cmd_simulate(args) -> int:
     import warnings
 
     from .md.calculator import Calculator
-    from .md.simulate import MAX_SANE_TIMESTEP_FS, check_out_dir, md_settings, read_structure, simulate
+    from .md.simulate import check_out_dir, md_settings, read_structure, simulate
 
     steps = args.steps
     if args.time_ps is not None:
@@ -182,22 +182,21 @@ def cmd_simulate(args) -> int:
             raise ForceCentricError("give either --steps or --time-ps, not both")
         steps = max(1, round(args.time_ps * 1000.0 / args.timestep))
     settings = md_settings(
-        temperature=args.temperature, timestep_fs=args.timestep, steps=steps or 1000, ensemble=args.ensemble,
+        temperature=args.temperature, timestep_fs=args.timestep, steps=steps, ensemble=args.ensemble,
         tdamp_fs=args.tdamp, friction_per_fs=args.friction, save_every=args.save_every, log_every=args.log_every,
         seed=args.seed, bond_threshold=args.bond_threshold, min_distance=args.min_distance,
         max_temperature=args.max_temperature,
         trajectory_format=args.format,
     )
-    if args.timestep > MAX_SANE_TIMESTEP_FS:
-        print(f"forcecentric simulate: warning: timestep {args.timestep} fs is above {MAX_SANE_TIMESTEP_FS} fs; "
-              "hydrogen vibrations are poorly resolved", file=sys.stderr)
     # Every check that can fail runs before the first step; --overwrite deletes nothing until the
     # structure and the model have loaded.
     check_out_dir(args.out, args.resume, args.overwrite)
     atoms, source = read_structure(args.structure, seed=args.seed)
     calc = Calculator(args.model, device=args.device, dtype=args.dtype)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the timestep warning was printed above
+        # simulate's warnings (e.g. a large timestep) as one plain line on stderr
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"forcecentric simulate: warning: {message}", file=sys.stderr)
         summary = simulate(
             calc, atoms, args.out, settings, resume=args.resume, overwrite=args.overwrite,
             progress=not args.no_progress, elements=calc.elements,

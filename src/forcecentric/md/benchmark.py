@@ -76,7 +76,7 @@ def _resolve(spec: str) -> str:
     return str(resolve_path(spec)) if spec.startswith("bundled:") else spec
 
 
-def _start_structure(name: str, spec: MoleculeSpec, seed: int = 0):
+def _start_structure(spec: MoleculeSpec, seed: int = 0):
     from .simulate import read_structure
 
     atoms, _ = read_structure(_resolve(spec.structure), seed=seed)
@@ -84,10 +84,14 @@ def _start_structure(name: str, spec: MoleculeSpec, seed: int = 0):
     return atoms
 
 
-def _read_positions(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_positions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (T, N, 3) of every frame of an ASE-readable file and their ``time_ps`` (NaN if absent)."""
     from ase.io import read
 
-    frames = read(path, index=":", format="extxyz" if fmt == "extxyz" else None)
+    try:
+        frames = read(path, index=":")
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise DataError(f"cannot read frames: {exc}", file=str(path)) from None
     times = np.array([float(a.info.get("time_ps", np.nan)) for a in frames])
     return np.stack([a.positions for a in frames]), times
 
@@ -133,7 +137,7 @@ def run_benchmark(cfg: BenchmarkConfig, workers: int = 1, progress: bool = True)
     tasks: list[dict[str, Any]] = []
     starts = {}
     for mol, spec in cfg.molecules.items():
-        atoms = _start_structure(mol, spec)
+        atoms = _start_structure(spec)
         check_structure(atoms, f"molecule {mol!r} ({spec.structure})")
         starts[mol] = atoms
         if spec.reference == "xtb":
@@ -192,18 +196,12 @@ def _reference_hr(mol: str, spec: MoleculeSpec, out: Path) -> tuple[np.ndarray |
     if spec.reference == "xtb":
         run = out / "reference" / mol
         summary = json.loads((run / "summary.json").read_text())
-        pos, _ = _read_positions(run / summary["trajectory"], summary["settings"]["trajectory_format"])
+        pos, _ = _read_positions(run / summary["trajectory"])
         source = f"GFN2-xTB MD ({summary['steps_completed']} steps, stable {summary['stable_time_ps']:.1f} ps)"
     else:
         path = Path(_resolve(spec.reference))
-        from ase.io import read
-
-        try:
-            frames = read(path, index=":")
-        except Exception as exc:  # ASE raises many types for unreadable files
-            raise DataError(f"cannot read reference frames: {exc}", file=str(path)) from None
-        pos = np.stack([a.positions for a in frames])
-        source = f"{path} ({len(frames)} frames)"
+        pos, _ = _read_positions(path)
+        source = f"{path} ({len(pos)} frames)"
     return distance_histogram(pos, bins=HR_BINS, r_max=HR_RMAX)[1], source
 
 
@@ -227,7 +225,7 @@ def analyse(cfg: BenchmarkConfig, starts: dict) -> dict[str, Any]:
             for seed in cfg.seeds:
                 run = out / "runs" / name / mol / f"seed{seed}"
                 summary = json.loads((run / "summary.json").read_text())
-                pos, times = _read_positions(run / summary["trajectory"], summary["settings"]["trajectory_format"])
+                pos, times = _read_positions(run / summary["trajectory"])
                 # Stability from the saved frames: Fu et al.'s bond criterion alone, and together
                 # with the collapse watcher (min_distance) that `simulate` also applies.
                 k_bond = first_unstable_frame(pos, pairs, lengths, cfg.protocol.bond_threshold)

@@ -38,11 +38,11 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from ..data.conformation import closest_pair
-from ..errors import ConfigError, DataError, ForceCentricError
+from ..errors import ConfigError, DataError, ElementError, ForceCentricError
+from ..evaluation import unknown_elements, write_json
 from ..provenance import versions
 from .stability import energy_drift, reference_bonds, simulation_speed, worst_bond
 
-ENSEMBLES = ("nose-hoover", "langevin", "nve")
 #: Above this timestep (fs) hydrogen vibrations are poorly resolved; a warning is issued.
 MAX_SANE_TIMESTEP_FS = 2.0
 #: Atoms closer than this (Å) in the starting structure are refused as overlapping.
@@ -133,19 +133,19 @@ def read_structure(spec: str, seed: int = 0) -> tuple[Atoms, str]:
     return atoms, source
 
 
+def _check_elements(atoms: Atoms, where: str, elements: set[int] | None) -> None:
+    problem = unknown_elements(elements, atoms.numbers) if elements else None
+    if problem:
+        raise ElementError(f"{where} ({atoms.get_chemical_formula()}): {problem}")
+
+
 def check_structure(atoms: Atoms, where: str, elements: set[int] | None = None) -> None:
     """Refuse overlapping atoms, non-finite positions and (when given) elements outside ``elements``."""
-    from ..errors import ElementError
-    from ..evaluation import unknown_elements
-
     if len(atoms) < 2:
         raise DataError(f"{where}: MD needs at least 2 atoms, got {len(atoms)}")
     if not np.all(np.isfinite(atoms.positions)):
         raise DataError(f"{where}: positions are not finite")
-    if elements:
-        problem = unknown_elements(elements, atoms.numbers)
-        if problem:
-            raise ElementError(f"{where} ({atoms.get_chemical_formula()}): {problem}")
+    _check_elements(atoms, where, elements)
     dmin, (i, j) = closest_pair(atoms.positions)
     if dmin < MIN_START_DISTANCE:
         raise DataError(
@@ -176,12 +176,6 @@ def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
 
 _RUN_FILES = ("state.json", "summary.json", "thermo.csv", "reference.xyz", "settings.json",
               "trajectory.extxyz", "trajectory.traj")
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 def _integrator(atoms: Atoms, s: MDSettings):
@@ -238,7 +232,6 @@ class _Writer:
     """Appends frames and thermo lines; records byte offsets so a resume can cut partial writes."""
 
     def __init__(self, out: Path, fmt: str):
-        self.out = out
         self.fmt = fmt
         self.traj_path = out / f"trajectory.{fmt}"
         self.thermo_path = out / "thermo.csv"
@@ -363,7 +356,7 @@ def simulate(
         for name in _RUN_FILES:  # --overwrite: the old run goes only once the new one can start
             (out / name).unlink(missing_ok=True)
         write(out / "reference.xyz", atoms, format="extxyz")
-        _atomic_json({"settings": s.model_dump(), "metadata": metadata or {}}, out / "settings.json")
+        write_json({"settings": s.model_dump(), "metadata": metadata or {}}, out / "settings.json")
         rng = np.random.default_rng(s.seed)
         thermalize_momenta(atoms, temperature_K=s.temperature, rng=rng)
         Stationary(atoms)
@@ -383,13 +376,7 @@ def simulate(
         atoms = Atoms(numbers=last.numbers, positions=last.positions, pbc=False)
         atoms.set_momenta(last.get_momenta())
         start_step = int(state["step"])
-        if elements:
-            from ..errors import ElementError
-            from ..evaluation import unknown_elements
-
-            problem = unknown_elements(elements, atoms.numbers)
-            if problem:
-                raise ElementError(f"cannot resume {out} with this model: {problem}")
+        _check_elements(atoms, f"cannot resume {out} with this model", elements)
 
     reference = read(out / "reference.xyz")
     pairs, lengths = reference_bonds(reference, mult=s.bond_mult)
@@ -416,7 +403,7 @@ def simulate(
 
     def checkpoint(step: int) -> None:
         st = {"step": step, **writer.offsets(), "integrator": _integrator_state(dyn), "first_stop": first_stop}
-        _atomic_json(st, state_path)
+        write_json(st, state_path)
 
     def steps():
         """dyn.irun, turning a calculator's refusal (non-finite prediction) into a stop at its step."""
@@ -487,7 +474,7 @@ def simulate(
             st = json.loads(state_path.read_text()) if state_path.exists() else None
             if st is not None:
                 st["first_stop"] = first_stop
-                _atomic_json(st, state_path)
+                write_json(st, state_path)
     else:
         steps_completed = s.steps
     stable_time = (first_stop["step"] if first_stop else steps_completed) * dt_ps
@@ -495,7 +482,7 @@ def simulate(
     summary = _summary(out, s, n_atoms, atoms, steps_completed, stable_time, stop, steps_run, wall,
                        metadata, previous)
     summary["first_stop"] = first_stop
-    _atomic_json(summary, out / "summary.json")
+    write_json(summary, out / "summary.json")
     return summary
 
 
