@@ -210,3 +210,39 @@ def test_source_weights_steer_the_training_sampler(tmp_path, morse_file):
     drawn = list(dm.train_dataloader().sampler)
     assert len(drawn) == len(dm.train_set)
     assert {dm.train_set[i].source for i in drawn} == {"second"}
+
+
+def test_cosine_schedule_follows_steps_or_a_time_budget():
+    from forcecentric.train.lightning_module import cosine_factor
+
+    assert cosine_factor(5, total=100, warmup=10, floor=0.01) == 1.0  # warm-up: the warm-up ramp rules
+    assert cosine_factor(10, total=100, warmup=10, floor=0.01) == pytest.approx(1.0)
+    assert cosine_factor(55, total=100, warmup=10, floor=0.0) == pytest.approx(0.5)
+    assert cosine_factor(100, total=100, warmup=10, floor=0.01) == pytest.approx(0.01)
+    # a wall-time budget half used takes the schedule half way even at step 10 ...
+    assert cosine_factor(10, total=100, warmup=10, floor=0.0, time_used=0.5) == pytest.approx(0.5)
+    # ... and a spent budget ends it at the floor; steps ahead of time still count
+    assert cosine_factor(10, total=100, warmup=10, floor=0.02, time_used=1.3) == pytest.approx(0.02)
+    assert cosine_factor(100, total=100, warmup=10, floor=0.0, time_used=0.1) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("spec", ["bundled:demo_pretrain", "bundled:corpus"])
+def test_equilibrium_only_molecules_keep_just_their_minima(spec):
+    from forcecentric.config import DataConfig
+    from forcecentric.train.datamodule import ForceFieldDataModule, equilibrium_only_molecules
+
+    def train_records(fraction):
+        dm = ForceFieldDataModule(DataConfig(train=[spec], n_val=20, equilibrium_only_molecules=fraction), seed=0)
+        dm.setup()
+        return dm, [(r.mol_id, bool(r.equilibrium)) for r in (dm.train_set[i] for i in range(len(dm.train_set)))]
+
+    _, full = train_records(None)
+    dm, half = train_records(0.5)
+    hidden = equilibrium_only_molecules([m for m, _ in full], 0.5)
+    assert 0 < len(hidden) < len({m for m, _ in full}) and dm.hidden_molecules == len(hidden)
+    expected = [(m, eq) for m, eq in full if eq or m not in hidden]
+    assert half == expected  # hidden molecules keep their minima, the others keep everything
+    assert any(m in hidden and eq for m, eq in half)
+    assert len(dm.val_set) == 20  # validation is untouched
+    _, none = train_records(1.0)
+    assert none and all(eq for _, eq in none)

@@ -14,21 +14,8 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .config import PRESETS_DIR, preset_path
 from .errors import ForceCentricError
-
-PRESETS_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def _preset_or_path(spec: str) -> Path:
-    p = Path(spec)
-    if p.is_file():
-        return p
-    cand = PRESETS_DIR / f"{spec}.yaml"
-    if cand.is_file():
-        return cand
-    presets = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))
-    raise ForceCentricError(f"config {spec!r} is neither a file nor a preset; presets: {presets}")
-
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -48,7 +35,7 @@ def _load_cfg(args, task: str, extra: dict[str, Any] | None = None):
     if getattr(args, "run_dir", None):
         over["run_dir"] = args.run_dir
     over.update(_overrides(args.set))
-    return load_run_config(_preset_or_path(args.config), over)
+    return load_run_config(preset_path(args.config), over)
 
 
 def cmd_pretrain(args) -> int:
@@ -219,11 +206,40 @@ def cmd_md_benchmark(args) -> int:
     over = _overrides(args.set)
     if args.out:
         over["out"] = args.out
-    cfg = load_benchmark_config(_preset_or_path(args.config), over)
+    cfg = load_benchmark_config(preset_path(args.config), over)
     report = run_benchmark(cfg, workers=args.workers, progress=not args.no_progress)
     print(markdown_table(report))
     print(f"results: {Path(cfg.out) / 'md_benchmark.json'} (+ .md and PNG plots)")
     return 0
+
+
+def cmd_study(args) -> int:
+    from .study import load_study_config, run_study, status
+
+    over = _overrides(args.set)
+    if args.out:
+        over["out"] = args.out
+    cfg = load_study_config(args.config, over)
+    if args.phase == "status":
+        print(json.dumps(status(cfg), indent=2))
+        return 0
+    filters = {}
+    for item in args.only or []:
+        key, _, values = item.partition("=")
+        if key not in ("molecule", "setting", "model", "n_train", "seed") or not values:
+            raise ForceCentricError(f"--only expects KEY=V1,V2 with KEY one of molecule, setting, model, "
+                                    f"n_train, seed; got {item!r}")
+        filters[key] = values.split(",")
+    out = run_study(cfg, phase=args.phase, workers=args.workers, accelerator=args.accelerator,
+                    threads=args.threads, stop_after_minutes=args.stop_after, progress=not args.no_progress,
+                    filters=filters)
+    failed = [r for ph in ("pretrain", "finetune") for r in out.get(ph, []) if not r["ok"]]
+    if "report" in out:
+        print(out["report"]["tables"])
+        print(f"results: {cfg.results} ({out['report']['rows']} rows); plots: {cfg.figures}")
+    print(json.dumps({"status": status(cfg), "wall_time_s": out["wall_time_s"],
+                      "failed": [f"{r['run_dir']}: {r['error']}" for r in failed]}, indent=2))
+    return 1 if failed else 0
 
 
 def cmd_build_data(args) -> int:
@@ -386,6 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set protocol.steps=2000 (repeatable)")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_md_benchmark)
+
+    sp = sub.add_parser("study", help="pre-trained vs scratch fine-tuning study with objective ablations",
+                        description="Pre-trains one ET per (setting, objective), fine-tunes each and a "
+                        "from-scratch model on held-out targets at several training-set sizes and seeds, and "
+                        "writes the results JSON, learning-curve plots and tables. Every job is a run "
+                        "directory: finished jobs are skipped, interrupted ones resumed.", formatter_class=fmt)
+    sp.add_argument("-c", "--config", default="study", help="YAML config file or preset name")
+    sp.add_argument("--phase", default="all", choices=["all", "prepare", "pretrain", "finetune", "report", "status"])
+    sp.add_argument("--out", default=None, help="study folder (overrides out in the config)")
+    sp.add_argument("--workers", type=int, default=2, help="training processes at a time")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    sp.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto (Lightning accelerator of every job)")
+    sp.add_argument("--stop-after", type=float, default=None, metavar="MIN",
+                    help="start no new job after this many minutes (run again to continue)")
+    sp.add_argument("--only", action="append", metavar="KEY=V1,V2",
+                    help="run only jobs whose molecule / setting / model / n_train / seed is listed (repeatable)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_study)
 
     sp = sub.add_parser("demo", help="pre-train, fine-tune on a held-out molecule and evaluate, on bundled data",
                         description="The main job on the bundled GFN2-xTB data: a short force-centric pre-training, "

@@ -17,6 +17,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 
+#: Folder of the YAML presets shipped with the package (``-c NAME`` finds ``NAME.yaml`` there).
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_path(spec: str) -> Path:
+    """A config file path, or the path of the shipped preset called ``spec``."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    cand = PRESETS_DIR / f"{spec}.yaml"
+    if cand.is_file():
+        return cand
+    presets = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {spec!r} is neither a file nor a preset; presets: {presets}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -132,6 +148,12 @@ class DataConfig(_Strict):
     source_weights: dict[str, float] | None = Field(
         None, description="relative sampling weight per source name (None: uniform over conformations)"
     )
+    equilibrium_only_molecules: float | None = Field(
+        None, ge=0, le=1,
+        description="fraction of the training molecules (picked by a hash of mol_id) that keep only their "
+        "minima: their off-equilibrium frames are dropped from the training split, as for molecules known "
+        "only at equilibrium (the paper's PCQM4Mv2 part)",
+    )
     batch_size: int = Field(16, gt=0)
     val_batch_size: int | None = None
     num_workers: int = Field(0, ge=0)
@@ -153,7 +175,10 @@ class OptimConfig(_Strict):
 class TrainerConfig(_Strict):
     max_epochs: int = Field(100, gt=0)
     max_steps: int = Field(-1, description="-1: no step limit")
-    max_time_minutes: float | None = Field(None, description="stop after this wall time")
+    max_time_minutes: float | None = Field(
+        None, description="stop after this wall time (a cosine schedule then anneals by time or steps, "
+        "whichever runs out first)"
+    )
     early_stopping_patience: int | None = Field(20, description="epochs (None: off)")
     accelerator: str = "auto"
     devices: int | str = "auto"

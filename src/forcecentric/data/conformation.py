@@ -56,6 +56,24 @@ class Conformation:
     def n_atoms(self) -> int:
         return int(self.z.shape[0])
 
+    def to_atoms(self):
+        """An :class:`ase.Atoms` with the labels on a single-point calculator and the flags in
+        ``info``: the extxyz reader gives back the same record."""
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        atoms = Atoms(numbers=self.z, positions=self.pos)
+        scalars = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))}
+        atoms.info.update(scalars)
+        atoms.info.update(equilibrium=bool(self.equilibrium), charge=int(self.charge), mol_id=self.mol_id)
+        if self.source:
+            atoms.info["source"] = self.source
+        if self.level_of_theory:
+            atoms.info["level_of_theory"] = self.level_of_theory
+        if self.energy is not None or self.forces is not None:
+            atoms.calc = SinglePointCalculator(atoms, energy=self.energy, forces=self.forces)
+        return atoms
+
     def validate(
         self,
         *,

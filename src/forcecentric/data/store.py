@@ -1094,6 +1094,11 @@ class Store(torch.utils.data.Dataset):
         """Source name of every record (object array of str)."""
         return self._column("source")
 
+    def equilibrium_flags(self) -> np.ndarray:
+        """Equilibrium flag of every record (bool ``[n]``), read from the index columns."""
+        parts = [self._shard(k).column("equilibrium").astype(bool) for k in range(self.n_shards)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
     def source_codes(self) -> tuple[np.ndarray, list[str]]:
         """Per-record source as small integer codes into a sorted list of names."""
         names = sorted(self.manifest["statistics"]["sources"])

@@ -1,9 +1,11 @@
-"""Callbacks beyond Lightning's own: learning-curve PNG after each validation epoch."""
+"""Callbacks beyond Lightning's own: the learning-curve PNG, a CSV logger that appends on resume,
+atomic checkpoint writes."""
 
 from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,10 +16,14 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class LearningCurvePlot(pl.Callback):
-    """Redraws ``learning_curve.png`` in the run directory from the CSV metrics."""
+    """Redraws ``learning_curve.png`` in the run directory from the CSV metrics: after a
+    validation epoch at most every ``min_interval_s`` seconds (drawing costs more than a short
+    epoch of a small fine-tuning set), and always when training ends."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, min_interval_s: float = 30.0):
         self.run_dir = Path(run_dir)
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
 
     def _draw(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
@@ -30,8 +36,9 @@ class LearningCurvePlot(pl.Callback):
         learning_curve(self.run_dir / "metrics.csv", self.run_dir / "learning_curve.png")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and time.monotonic() - self._last >= self.min_interval_s:
             self._draw(trainer)
+            self._last = time.monotonic()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._draw(trainer)

@@ -79,6 +79,24 @@ def _sources(ds) -> list[str]:
     return [str(s) for s in ds.sources()]
 
 
+def _equilibrium_flags(parts: list) -> np.ndarray:
+    flags = []
+    for ds in parts:
+        if isinstance(ds, ConformationDataset):
+            flags.append(np.array([bool(r.equilibrium) for r in ds.records], dtype=bool))
+        else:
+            flags.append(np.asarray(ds.equilibrium_flags(), dtype=bool))
+    return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+
+
+def equilibrium_only_molecules(mol_ids: list[str], fraction: float) -> set[str]:
+    """The molecules that keep only their minima: a stable pick by a hash of the molecule id
+    (the same molecules for every seed, run and machine)."""
+    import zlib
+
+    return {m for m in set(mol_ids) if zlib.crc32(m.encode()) / 2**32 < fraction}
+
+
 def _mol_ids(parts: list) -> list[str]:
     ids: list[str] = []
     for ds in parts:
@@ -139,6 +157,7 @@ class ForceFieldDataModule(pl.LightningDataModule):
         self.train_set = None
         self.val_set = None
         self.test_set = None
+        self.hidden_molecules = 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -158,6 +177,12 @@ class ForceFieldDataModule(pl.LightningDataModule):
         else:
             split = random_split(len(pool), sizes, self.seed)
         va, te, tr = split[0], split[1], split[2]
+        if c.equilibrium_only_molecules:
+            ids = _mol_ids(parts)
+            hidden = equilibrium_only_molecules([ids[i] for i in tr], c.equilibrium_only_molecules)
+            eq = _equilibrium_flags(parts)
+            tr = np.array([i for i in tr if eq[i] or ids[i] not in hidden], dtype=np.int64)
+            self.hidden_molecules = len(hidden)
         Subset = torch.utils.data.Subset
         self.train_set = Subset(pool, tr.tolist())
         self.val_set = val if val is not None else Subset(pool, va.tolist())
@@ -193,6 +218,7 @@ class ForceFieldDataModule(pl.LightningDataModule):
     def describe(self) -> dict:
         return {
             "files": list(self.config.train),
+            "equilibrium_only_molecules": self.hidden_molecules,
             "train": describe_dataset(self.train_set, "train"),
             "val": describe_dataset(self.val_set, "val"),
             "test": describe_dataset(self.test_set, "test"),

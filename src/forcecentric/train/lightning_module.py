@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,16 @@ from ..data.dataset import Batch
 from ..errors import TrainingDivergedError
 from ..nn.model import ForceField
 from ..objectives import make_views, total_loss
+
+
+def cosine_factor(step: int, total: int, warmup: int, floor: float, time_used: float = 0.0) -> float:
+    """Learning-rate factor of the cosine schedule after warm-up: from 1 down to ``floor`` as
+    the progress goes from 0 to 1, the progress being the larger of the fraction of steps done and
+    the fraction ``time_used`` of a wall-time budget."""
+    if step < warmup:
+        return 1.0
+    t = min(1.0, max((step - warmup) / max(1, total - warmup), time_used))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 class ForceFieldModule(pl.LightningModule):
@@ -84,13 +95,14 @@ class ForceFieldModule(pl.LightningModule):
         if o.schedule == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
             warm = o.warmup_steps
+            # with a wall-time budget the cosine follows whichever runs out first, steps or time,
+            # so a time-capped run still ends at min_lr (time counts from this process's start)
+            budget = self.config.trainer.max_time_minutes
+            t_start = time.monotonic()
 
             def factor(step: int) -> float:
-                if step < warm:
-                    return 1.0
-                t = min(1.0, (step - warm) / max(1, total - warm))
-                floor = o.min_lr / o.lr
-                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+                used = (time.monotonic() - t_start) / (60.0 * budget) if budget else 0.0
+                return cosine_factor(step, total, warm, o.min_lr / o.lr, used)
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

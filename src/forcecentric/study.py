@@ -1,0 +1,544 @@
+"""The pre-training study: does force-centric pre-training help, and which part of it?
+
+One YAML config (``configs/study.yaml``) describes the whole experiment:
+
+* **prepare**: held-out target molecules are split once into a training pool, validation frames
+  and test frames (the same validation and test frames for every model, size and seed), and
+  GFN2-xTB frames of the targets are labelled with :func:`~forcecentric.data.label.label_to_shards`
+  for the ``target_in_pretraining`` setting;
+* **pretrain**: one ET per (setting, objective) on the corpus (plus the target's xTB frames in the
+  ``target_in_pretraining`` setting), and the denoising ablations (sigma, target scale, head);
+* **finetune**: every pre-trained model and a model from scratch on each target with each
+  training-set size and seed, to convergence (early stopping on the validation loss, one budget
+  rule for all);
+* **report**: every fine-tuned result as a row of ``study.json``, log-log learning curves, and a
+  Markdown table of force MAE (N x model) per target.
+
+Every job is an ordinary run directory under ``out/``; a job whose ``metrics.json`` exists is done,
+one with only ``checkpoints/last.ckpt`` is resumed, so the study can be killed and restarted at
+any point (and split across machines: pre-train on a GPU, fine-tune elsewhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from .config import RunConfig, _Strict, apply_overrides, load_yaml, preset_path, validate
+from .errors import ConfigError, DataError
+
+log = logging.getLogger("forcecentric")
+
+SETTINGS = ("unseen", "target_in_pretraining")
+OBJECTIVES = ("forces_only", "forces_zero", "forces_denoise", "full")
+SCRATCH = "scratch"
+
+
+class TargetConfig(_Strict):
+    """A held-out target molecule: where its frames come from and how they are split."""
+
+    smiles: str | None = Field(None, description="SMILES for GFN2-xTB pre-training frames (setting b)")
+    pool: list[str] = Field(description="files the training frames are drawn from")
+    heldout: list[str] = Field(
+        default_factory=list,
+        description="files validation and test frames are drawn from (empty: carved out of pool)",
+    )
+    n_val: int = Field(100, gt=0)
+    n_test: int = Field(400, gt=0)
+    kind: str = Field("DFT", description="level of theory, for the report")
+    settings: list[Literal["unseen", "target_in_pretraining"]] = Field(
+        default_factory=lambda: list(SETTINGS),
+        description="pre-training settings fine-tuned on this target (target_in_pretraining needs smiles)",
+    )
+
+
+class PretrainConfig(_Strict):
+    preset: str = Field("demo_pretrain", description="base run config (preset name or YAML path)")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides for all")
+    corpus: list[str] = Field(default_factory=lambda: ["bundled:corpus"])
+    objectives: dict[str, dict[str, Any]] = Field(description="objective name -> loss overrides")
+    ablations: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="ablation name -> overrides (run in the unseen setting)"
+    )
+    settings: dict[Literal["unseen", "target_in_pretraining"], list[str]] = Field(
+        description="which objectives (and ablations) each setting pre-trains"
+    )
+
+
+class FinetuneConfig(_Strict):
+    preset: str = "demo_finetune"
+    set: dict[str, Any] = Field(default_factory=dict)
+    n_train: list[int] = Field(default_factory=lambda: [50, 100, 250, 1000])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    ablation_n_train: list[int] = Field(default_factory=lambda: [50, 250])
+    ablation_targets: list[str] | None = Field(None, description="targets the ablations run on (None: all)")
+
+
+class StudyConfig(_Strict):
+    out: str = "runs/study"
+    results: str = "benchmarks/results/study.json"
+    figures: str = "docs/figures/study"
+    model: dict[str, Any] = Field(default_factory=dict, description="ET hyper-parameters for every run")
+    targets: dict[str, TargetConfig]
+    target_xtb: dict[str, Any] = Field(
+        default_factory=dict, description="label_to_shards settings for the targets' xTB frames"
+    )
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+
+def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    resolved = preset_path(str(path))
+    data = apply_overrides(load_yaml(resolved), overrides or {})
+    cfg = validate(StudyConfig, data, source=repr(str(resolved)))
+    for setting, names in cfg.pretrain.settings.items():
+        for name in names:
+            if name not in cfg.pretrain.objectives and name not in cfg.pretrain.ablations:
+                raise ConfigError(
+                    f"pretrain.settings.{setting} names {name!r}, which is neither an objective "
+                    f"{sorted(cfg.pretrain.objectives)} nor an ablation {sorted(cfg.pretrain.ablations)}"
+                )
+    if "target_in_pretraining" in cfg.pretrain.settings:
+        missing = [t for t, tc in cfg.targets.items() if "target_in_pretraining" in tc.settings and not tc.smiles]
+        if missing:
+            raise ConfigError(f"the target_in_pretraining setting needs a smiles for targets {missing} "
+                              "(or leave it out of their settings)")
+    return cfg
+
+
+def _xtb_targets(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """(name, SMILES) of the targets whose GFN2-xTB frames join the target_in_pretraining corpus."""
+    if "target_in_pretraining" not in cfg.pretrain.settings:
+        return []
+    return [(t, tc.smiles) for t, tc in cfg.targets.items() if "target_in_pretraining" in tc.settings]
+
+
+# ---------------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    """One training run of the study."""
+
+    kind: Literal["pretrain", "finetune"]
+    run_dir: Path
+    config: dict[str, Any]
+    key: dict[str, Any] = field(default_factory=dict)
+    needs: Path | None = None  # pre-trained model.ckpt this job starts from
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "metrics.json").is_file()
+
+    @property
+    def started(self) -> bool:
+        return (self.run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def _preset(name: str) -> dict[str, Any]:
+    return load_yaml(preset_path(name))
+
+
+def _target_dir(cfg: StudyConfig, target: str) -> Path:
+    return Path(cfg.out) / "targets" / target
+
+
+def xtb_dir(cfg: StudyConfig) -> Path:
+    return Path(cfg.out) / "targets" / "xtb"
+
+
+def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
+    base = _preset(cfg.pretrain.preset)
+    jobs = []
+    for setting, names in cfg.pretrain.settings.items():
+        corpus = list(cfg.pretrain.corpus)
+        if setting == "target_in_pretraining":
+            corpus += [str(p) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz"))] or [str(xtb_dir(cfg) / "shard-*.extxyz")]
+        for name in names:
+            over = dict(cfg.pretrain.set)
+            if name in cfg.pretrain.objectives:
+                over.update(cfg.pretrain.objectives[name])
+            else:
+                spec = dict(cfg.pretrain.ablations[name])
+                parent = spec.pop("base", "full")
+                over.update(cfg.pretrain.objectives[parent])
+                over.update(spec)
+            run_dir = Path(cfg.out) / "pretrain" / setting / name
+            data = copy.deepcopy(base)
+            data["task"] = "pretrain"
+            data["model"] = {**data.get("model", {}), **cfg.model}
+            data["run_dir"] = str(run_dir)
+            data.setdefault("data", {})["train"] = corpus
+            apply_overrides(data, over)
+            jobs.append(Job("pretrain", run_dir, data, {"setting": setting, "model": name}))
+    return jobs
+
+
+def finetune_jobs(cfg: StudyConfig) -> list[Job]:
+    """Fine-tuning jobs in priority order: the smallest N first, all its seeds, then the next N,
+    so that a partial study already holds complete comparisons at the sizes that matter most."""
+    base = _preset(cfg.finetune.preset)
+    ft = cfg.finetune
+    ablations = set(cfg.pretrain.ablations)
+    jobs = []
+    model_over = {name: {k: v for k, v in spec.items() if k.startswith("model.")}
+                  for name, spec in cfg.pretrain.ablations.items()}
+    models: list[tuple[str, str | None]] = [(SCRATCH, None)]
+    for setting, names in cfg.pretrain.settings.items():
+        models += [(name, setting) for name in names]
+    sizes = sorted(set(ft.n_train) | set(ft.ablation_n_train))
+    for n in sizes:
+        for seed in ft.seeds:
+            for target, tc in cfg.targets.items():
+                tdir = _target_dir(cfg, target)
+                if n > pool_size(cfg, target):
+                    continue
+                for name, setting in models:
+                    if setting is not None and setting not in tc.settings:
+                        continue
+                    is_ablation = name in ablations
+                    if is_ablation and (n not in ft.ablation_n_train or (
+                            ft.ablation_targets is not None and target not in ft.ablation_targets)):
+                        continue
+                    if not is_ablation and n not in ft.n_train:
+                        continue
+                    label = f"{setting}/{name}" if setting else name
+                    run_dir = Path(cfg.out) / "finetune" / target / label / f"n{n}_seed{seed}"
+                    data = copy.deepcopy(base)
+                    data["task"] = "finetune"
+                    data["seed"] = seed
+                    data["model"] = {**data.get("model", {}), **cfg.model}
+                    data["run_dir"] = str(run_dir)
+                    data.setdefault("data", {}).update(
+                        train=[str(tdir / "pool.extxyz")], val=[str(tdir / "val.extxyz")],
+                        test=[str(tdir / "test.extxyz")], n_train=n,
+                    )
+                    apply_overrides(data, dict(ft.set))
+                    apply_overrides(data, dict(model_over.get(name, {})))  # e.g. a larger ET
+                    needs = None
+                    if setting is not None:
+                        needs = Path(cfg.out) / "pretrain" / setting / name / "model.ckpt"
+                        data["init_from"] = str(needs)
+                    key = {"molecule": target, "setting": setting or "none", "model": name,
+                           "n_train": n, "seed": seed}
+                    jobs.append(Job("finetune", run_dir, data, key, needs))
+    return jobs
+
+
+def pool_size(cfg: StudyConfig, target: str) -> float:
+    """Frames a target's training pool holds (infinite before ``prepare`` has split it)."""
+    split = _target_dir(cfg, target) / "split.json"
+    return json.loads(split.read_text())["pool"] if split.is_file() else float("inf")
+
+
+# ------------------------------------------------------------------------------ prepare
+def _write_frames(path: Path, records) -> None:
+    from .data.label import write_extxyz
+
+    write_extxyz(path, [r.to_atoms() for r in records])
+
+
+def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Split each target into pool / val / test files and label the targets' xTB frames."""
+    from .data import read_all
+    from .train.datamodule import resolve_path
+
+    report: dict[str, Any] = {}
+    for target, tc in cfg.targets.items():
+        tdir = _target_dir(cfg, target)
+        files = {k: tdir / f"{k}.extxyz" for k in ("pool", "val", "test")}
+        if all(p.is_file() for p in files.values()):
+            report[target] = json.loads((tdir / "split.json").read_text())
+            continue
+        pool = [r for spec in tc.pool for r in read_all(resolve_path(spec))]
+        if tc.heldout:
+            held = [r for spec in tc.heldout for r in read_all(resolve_path(spec))]
+        else:
+            held, pool = _carve(pool, tc.n_val + tc.n_test, seed=12345)
+        if len(held) < tc.n_val + tc.n_test:
+            raise DataError(
+                f"target {target!r}: {len(held)} held-out frames, fewer than n_val + n_test = "
+                f"{tc.n_val + tc.n_test}", file=str(tc.heldout or tc.pool)
+            )
+        perm = np.random.default_rng(12345).permutation(len(held))
+        val = [held[i] for i in perm[: tc.n_val]]
+        test = [held[i] for i in perm[tc.n_val : tc.n_val + tc.n_test]]
+        tdir.mkdir(parents=True, exist_ok=True)
+        _write_frames(files["val"], val)
+        _write_frames(files["test"], test)
+        _write_frames(files["pool"], pool)
+        info = {"pool": len(pool), "val": len(val), "test": len(test),
+                "pool_files": tc.pool, "heldout_files": tc.heldout or tc.pool, "kind": tc.kind}
+        (tdir / "split.json").write_text(json.dumps(info, indent=2))
+        report[target] = info
+    molecules = _xtb_targets(cfg)
+    if molecules:
+        from .data.label import label_to_shards
+
+        settings = dict(cfg.target_xtb)
+        report["xtb"] = label_to_shards(molecules, xtb_dir(cfg), molecules_per_shard=1,
+                                        n_workers=workers, progress=progress, **settings)
+        n = sum(len(read_all(p)) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")))
+        report["xtb"]["n_frames"] = n
+    return report
+
+
+def _carve(records: list, n: int, seed: int) -> tuple[list, list]:
+    perm = np.random.default_rng(seed).permutation(len(records))
+    take = set(perm[:n].tolist())
+    return [records[i] for i in perm[:n]], [r for i, r in enumerate(records) if i not in take]
+
+
+# -------------------------------------------------------------------------------- running
+def _run_job(args: tuple[dict[str, Any], str, int, bool]) -> dict[str, Any]:
+    """Worker body: one training run in a fresh process (own threads, own device)."""
+    data, accelerator, threads, progress = args
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from .train.run import run
+
+    data = copy.deepcopy(data)
+    data.setdefault("trainer", {})["accelerator"] = accelerator
+    data["trainer"]["progress_bar"] = progress
+    run_dir = Path(data["run_dir"])
+    t0 = time.time()
+    try:
+        cfg = validate(RunConfig, data, source=str(run_dir))
+        resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+        if not resume and run_dir.is_dir():
+            # a run killed before its first checkpoint (or copied without checkpoints): start
+            # clean, so its metrics.csv does not mix two runs
+            shutil.rmtree(run_dir)
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        metrics = run(cfg, resume=resume)
+        return {"run_dir": str(run_dir), "ok": True, "wall_s": round(time.time() - t0, 1),
+                "force_mae": metrics.get("test", metrics["val"])["force_mae"]}
+    except Exception as exc:  # reported, the study goes on with the other jobs
+        (run_dir).mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        return {"run_dir": str(run_dir), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", threads: int = 1,
+             stop_after_minutes: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the jobs that are not done (in order, ``workers`` at a time, one fresh process per
+    job). Fine-tuning jobs whose pre-trained model is missing are skipped with a message. After
+    ``stop_after_minutes`` no new job starts; running ones finish."""
+    pending = [j for j in jobs if not j.done]
+    ready = [j for j in pending if j.needs is None or j.needs.is_file()]
+    for j in pending:
+        if j not in ready:
+            log.warning("skipping %s: pre-trained model %s does not exist yet", j.run_dir, j.needs)
+    if not ready:
+        return []
+    results: list[dict[str, Any]] = []
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(ready), desc="study jobs", unit="run", disable=not progress)
+    with ctx.Pool(processes=max(1, workers), maxtasksperchild=1) as pool:
+        waiting = list(ready)
+        running: list = []
+        while waiting or running:
+            late = stop_after_minutes is not None and time.time() - t0 > 60 * stop_after_minutes
+            while waiting and len(running) < workers and not late:
+                job = waiting.pop(0)
+                running.append(pool.apply_async(_run_job, ((job.config, accelerator, threads, False),)))
+            if late and waiting:
+                log.warning("time budget reached: %d jobs not started (run again to continue)", len(waiting))
+                waiting = []
+            still = []
+            for r in running:
+                if r.ready():
+                    res = r.get()
+                    results.append(res)
+                    bar.update(1)
+                    if not res["ok"]:
+                        log.warning("job %s failed: %s", res["run_dir"], res["error"])
+                else:
+                    still.append(r)
+            running = still
+            time.sleep(0.5)
+    bar.close()
+    return results
+
+
+# ------------------------------------------------------------------------------- report
+def collect(cfg: StudyConfig) -> list[dict[str, Any]]:
+    """One row per finished fine-tuning run (test-set errors in meV/A and meV)."""
+    rows = []
+    for job in finetune_jobs(cfg):
+        if not job.done:
+            continue
+        m = json.loads((job.run_dir / "metrics.json").read_text())
+        test = m["test"]
+        row = dict(job.key)
+        row.update(
+            force_mae=1000.0 * test["force_mae"],
+            energy_mae=1000.0 * test["energy_mae"] if test.get("energy_mae") is not None else None,
+            force_rmse=1000.0 * test["force_rmse"],
+            val_force_mae=1000.0 * m["val"]["force_mae"],
+            epochs=m["epochs"], steps=m["global_steps"], wall_s=m["wall_time_s"],
+            n_test=test["n_conformations"],
+        )
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds per (molecule, setting, model, N), plus scratch / model ratios."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["molecule"], r["setting"], r["model"], r["n_train"]), []).append(r)
+    scratch = {(k[0], k[3]): np.mean([r["force_mae"] for r in v]) for k, v in groups.items() if k[2] == SCRATCH}
+    out = []
+    for (mol, setting, model, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
+        f = np.array([r["force_mae"] for r in rs])
+        e = np.array([r["energy_mae"] for r in rs if r["energy_mae"] is not None])
+        s = scratch.get((mol, n))
+        out.append({
+            "molecule": mol, "setting": setting, "model": model, "n_train": n, "n_seeds": len(rs),
+            "force_mae_mean": float(f.mean()), "force_mae_std": float(f.std(ddof=1)) if len(f) > 1 else 0.0,
+            "energy_mae_mean": float(e.mean()) if len(e) else None,
+            "ratio_scratch_over_model": float(s / f.mean()) if s is not None else None,
+        })
+    return out
+
+
+def markdown_tables(summary: list[dict[str, Any]]) -> str:
+    lines = []
+    for mol in sorted({s["molecule"] for s in summary}):
+        rows = [s for s in summary if s["molecule"] == mol]
+        sizes = sorted({s["n_train"] for s in rows})
+        models = []
+        for s in rows:
+            label = s["model"] if s["setting"] == "none" else f"{s['model']} ({s['setting']})"
+            if (label, s["setting"], s["model"]) not in models:
+                models.append((label, s["setting"], s["model"]))
+        models.sort(key=lambda m: (m[1] != "none", m[1], m[2]))
+        lines.append(f"\n**{mol}**: test force MAE in meV/Å, mean ± std over seeds "
+                     "(× = scratch / model)\n")
+        lines.append("| model | " + " | ".join(f"N={n}" for n in sizes) + " |")
+        lines.append("|---|" + "---:|" * len(sizes))
+        for label, setting, model in models:
+            cells = []
+            for n in sizes:
+                hit = [s for s in rows if s["setting"] == setting and s["model"] == model and s["n_train"] == n]
+                if not hit:
+                    cells.append("")
+                    continue
+                s = hit[0]
+                cell = f"{s['force_mae_mean']:.1f} ± {s['force_mae_std']:.1f}"
+                if model != SCRATCH and s["ratio_scratch_over_model"]:
+                    cell += f" ({s['ratio_scratch_over_model']:.2f}×)"
+                if s["n_seeds"] < 3:
+                    cell += f" [{s['n_seeds']} seed{'s' if s['n_seeds'] > 1 else ''}]"
+                cells.append(cell)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(cfg: StudyConfig, wall: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write ``study.json`` (rows), ``study_summary.json``, the tables and the plots."""
+    from .evaluation import write_json
+    from .plots import study_bars, study_learning_curves
+    from .provenance import machine_info, versions
+
+    rows = collect(cfg)
+    if not rows:
+        raise ConfigError(f"no finished fine-tuning runs under {cfg.out!r}: run the study first")
+    summary = summarize(rows)
+    write_json(rows, cfg.results)
+    meta = {"machine": machine_info("cpu"), "versions": versions(), "config": cfg.model_dump(mode="json"),
+            "pretrain": _pretrain_summary(cfg), "wall_time_s": wall or {}, "summary": summary}
+    write_json(meta, Path(cfg.results).with_name(Path(cfg.results).stem + "_summary.json"))
+    figs = Path(cfg.figures)
+    figs.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for mol in sorted({r["molecule"] for r in summary}):
+        for setting in ("unseen", "target_in_pretraining"):
+            sel = [s for s in summary if s["molecule"] == mol and s["setting"] in ("none", setting)
+                   and s["model"] in (SCRATCH,) + OBJECTIVES]
+            if any(s["setting"] == setting for s in sel):
+                plots.append(str(study_learning_curves(sel, f"{mol}, {setting}", figs / f"{mol}_{setting}.png")))
+    for mol in sorted({r["molecule"] for r in summary}):
+        for n in cfg.finetune.ablation_n_train:
+            sel = [dict(s, label=s["model"] if s["setting"] == "none" else f"{s['model']} ({s['setting'][:6]})")
+                   for s in summary if s["molecule"] == mol and s["n_train"] == n]
+            if any(s["model"] in cfg.pretrain.ablations for s in sel):
+                plots.append(str(study_bars(sel, f"{mol}, N = {n}: every pre-training variant",
+                                            figs / f"{mol}_n{n}_variants.png")))
+    md = markdown_tables(summary) + pretrain_table(meta["pretrain"])
+    (figs / "tables.md").write_text(md)
+    return {"rows": len(rows), "plots": plots, "tables": md}
+
+
+def pretrain_table(pretrain: list[dict[str, Any]]) -> str:
+    """Markdown table of the pre-training runs: validation force MAE on held-out corpus frames."""
+    lines = ["\n**pre-training**: force MAE on 500 held-out corpus conformations (meV/Å)\n",
+             "| setting | variant | val force MAE | epochs | steps | wall (s) |", "|---|---|---:|---:|---:|---:|"]
+    for p in sorted(pretrain, key=lambda p: (p["setting"], p["val_force_mae"])):
+        lines.append(f"| {p['setting']} | {p['model']} | {p['val_force_mae']:.1f} | {p['epochs']} | "
+                     f"{p['steps']} | {p['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pretrain_summary(cfg: StudyConfig) -> list[dict[str, Any]]:
+    out = []
+    for job in pretrain_jobs(cfg):
+        if job.done:
+            m = json.loads((job.run_dir / "metrics.json").read_text())
+            out.append({**job.key, "val_force_mae": 1000.0 * m["val"]["force_mae"], "epochs": m["epochs"],
+                        "steps": m["global_steps"], "wall_s": m["wall_time_s"], "train_size": m["train_size"]})
+    return out
+
+
+def status(cfg: StudyConfig) -> dict[str, Any]:
+    out = {}
+    for kind, jobs in (("pretrain", pretrain_jobs(cfg)), ("finetune", finetune_jobs(cfg))):
+        out[kind] = {"total": len(jobs), "done": sum(j.done for j in jobs),
+                     "started": sum(j.started and not j.done for j in jobs),
+                     "failed": sum((j.run_dir / "error.txt").is_file() and not j.done for j in jobs)}
+    return out
+
+
+def run_study(cfg: StudyConfig, phase: str = "all", workers: int = 2, accelerator: str = "cpu",
+              threads: int = 1, stop_after_minutes: float | None = None, progress: bool = True,
+              filters: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run one phase (``prepare``, ``pretrain``, ``finetune``, ``report``) or ``all`` of them."""
+    wall: dict[str, float] = {}
+    out: dict[str, Any] = {}
+    phases = ("prepare", "pretrain", "finetune", "report") if phase == "all" else (phase,)
+    for ph in phases:
+        t0 = time.time()
+        if ph == "prepare":
+            out["prepare"] = prepare(cfg, workers=workers, progress=progress)
+        elif ph in ("pretrain", "finetune"):
+            if ph == "finetune":
+                unprepared = [t for t in cfg.targets if not (_target_dir(cfg, t) / "split.json").is_file()]
+                if unprepared:
+                    raise ConfigError(f"targets {unprepared} are not split yet: run --phase prepare first")
+            elif "target_in_pretraining" in cfg.pretrain.settings and not list(xtb_dir(cfg).glob("shard-*.extxyz")):
+                raise ConfigError(f"no GFN2-xTB target frames in {str(xtb_dir(cfg))!r}: run --phase prepare first")
+            jobs = pretrain_jobs(cfg) if ph == "pretrain" else finetune_jobs(cfg)
+            for k, allowed in (filters or {}).items():
+                jobs = [j for j in jobs if str(j.key.get(k)) in allowed]
+            out[ph] = run_jobs(jobs, workers, accelerator, threads, stop_after_minutes, progress)
+        elif ph == "report":
+            out["report"] = report(cfg)
+        wall[ph] = round(time.time() - t0, 1)
+    out["wall_time_s"] = wall
+    return out

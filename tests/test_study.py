@@ -1,0 +1,166 @@
+"""The pre-training study: config checks, job planning, target splits, an end-to-end tiny study."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from forcecentric.data import read_all
+from forcecentric.errors import ConfigError
+from forcecentric.study import (OBJECTIVES, finetune_jobs, load_study_config, markdown_tables, pretrain_jobs,
+                                prepare, run_study, status, summarize)
+
+
+def _config(tmp_path, **changes) -> dict:
+    cfg = {
+        "out": str(tmp_path / "study"),
+        "results": str(tmp_path / "study.json"),
+        "figures": str(tmp_path / "figures"),
+        "model": {"hidden_channels": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+        "targets": {"aspirin": {"pool": ["bundled:demo_target"], "n_val": 20, "n_test": 30, "kind": "GFN2-xTB"}},
+        "pretrain": {
+            "corpus": ["bundled:demo_pretrain"],
+            "set": {"data.n_train": 40, "data.n_val": 10, "data.batch_size": 8, "trainer.max_epochs": 1,
+                    "trainer.progress_bar": False},
+            "objectives": {"forces_only": {"loss.zero_force": 0.0, "loss.denoise": 0.0},
+                           "full": {"loss.zero_force": 0.1, "loss.denoise": 0.1}},
+            "ablations": {"full_sigma0.1": {"base": "full", "loss.denoising.sigma": 0.1}},
+            "settings": {"unseen": ["forces_only", "full", "full_sigma0.1"]},
+        },
+        "finetune": {"set": {"trainer.max_epochs": 2, "trainer.progress_bar": False, "data.batch_size": 5},
+                     "n_train": [10, 20, 1000], "seeds": [0, 1], "ablation_n_train": [10]},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def _write(tmp_path, cfg: dict):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    cfg = _config(tmp_path)
+    cfg["pretrain"]["settings"]["unseen"].append("forces_typo")
+    with pytest.raises(ConfigError, match="forces_typo"):
+        load_study_config(_write(tmp_path, cfg))
+    cfg = _config(tmp_path)
+    cfg["pretrain"]["settings"]["target_in_pretraining"] = ["full"]
+    with pytest.raises(ConfigError, match="smiles"):
+        load_study_config(_write(tmp_path, cfg))
+    cfg = _config(tmp_path, unknown_key=1)
+    with pytest.raises(ConfigError, match="unknown_key"):
+        load_study_config(_write(tmp_path, cfg))
+
+
+def test_the_shipped_preset_plans_the_issue_grid():
+    cfg = load_study_config("study")
+    pre = pretrain_jobs(cfg)
+    names = {(j.key["setting"], j.key["model"]) for j in pre}
+    for objective in OBJECTIVES:
+        assert ("unseen", objective) in names and ("target_in_pretraining", objective) in names
+    # each objective differs from the others exactly in its loss weights
+    losses = {j.key["model"]: j.config["loss"] for j in pre if j.key["setting"] == "unseen"}
+    assert (losses["forces_only"]["zero_force"], losses["forces_only"]["denoise"]) == (0.0, 0.0)
+    assert (losses["full"]["zero_force"], losses["full"]["denoise"]) == (0.1, 0.1)
+    assert losses["full_sigma0.1_eps"]["denoising"] == {**losses["full"]["denoising"], "sigma": 0.1,
+                                                        "target": "eps", "kappa": 1.0}
+    jobs = finetune_jobs(cfg)
+    keys = {(j.key["molecule"], j.key["model"], j.key["setting"], j.key["n_train"], j.key["seed"]) for j in jobs}
+    for n in (50, 100, 250):
+        for seed in (0, 1, 2):
+            assert ("ethanol", "scratch", "none", n, seed) in keys
+            assert ("3BPA", "full", "target_in_pretraining", n, seed) in keys
+    # every fine-tuning run of a target sees the same validation and test files
+    for mol in ("ethanol", "3BPA"):
+        assert len({(tuple(j.config["data"]["val"]), tuple(j.config["data"]["test"]))
+                    for j in jobs if j.key["molecule"] == mol}) == 1
+
+
+def test_planning_skips_sizes_the_pool_cannot_give_and_limits_ablations(tmp_path):
+    cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
+    before = finetune_jobs(cfg)
+    assert any(j.key["n_train"] == 1000 for j in before)  # pool size not known before prepare
+    prepare(cfg, progress=False)
+    jobs = finetune_jobs(cfg)
+    assert all(j.key["n_train"] < 1000 for j in jobs)
+    ablation = [j for j in jobs if j.key["model"] == "full_sigma0.1"]
+    assert {j.key["n_train"] for j in ablation} == {10}
+    # 1 scratch + 2 objectives at N=10,20, 1 ablation at N=10; 2 seeds
+    assert len(jobs) == 2 * (3 * 2 + 1)
+    assert all(j.needs is None for j in jobs if j.key["model"] == "scratch")
+    assert all(str(j.needs).endswith("unseen/full/model.ckpt") for j in jobs if j.key["model"] == "full")
+    # the smallest N comes first, with all its seeds: a partial study holds whole comparisons
+    assert [j.key["n_train"] for j in jobs[:8]] == [10] * 8
+    assert [j.key["seed"] for j in jobs[:8]] == [0] * 4 + [1] * 4
+
+
+def test_prepare_splits_disjoint_val_test_and_keeps_the_labels(tmp_path):
+    cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
+    report = prepare(cfg, progress=False)
+    assert report["aspirin"] == {**report["aspirin"], "pool": 350, "val": 20, "test": 30}
+    tdir = tmp_path / "study" / "targets" / "aspirin"
+    parts = {k: read_all(tdir / f"{k}.extxyz") for k in ("pool", "val", "test")}
+    source = read_all(__import__("forcecentric.train.datamodule", fromlist=["x"]).resolve_path("bundled:demo_target"))
+    key = lambda r: r.pos.round(6).tobytes()  # noqa: E731
+    sets = {k: {key(r) for r in v} for k, v in parts.items()}
+    assert not (sets["val"] & sets["test"]) and not (sets["pool"] & (sets["val"] | sets["test"]))
+    assert len(sets["pool"] | sets["val"] | sets["test"]) == len(source)
+    by_pos = {key(r): r for r in source}
+    for r in parts["test"][:5]:
+        ref = by_pos[key(r)]
+        assert r.energy == pytest.approx(ref.energy, abs=1e-6)
+        np.testing.assert_allclose(r.forces, ref.forces, atol=1e-6)
+    # a second prepare reuses the split
+    assert prepare(cfg, progress=False)["aspirin"] == report["aspirin"]
+
+
+def test_finetune_before_prepare_is_refused(tmp_path):
+    cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
+    with pytest.raises(ConfigError, match="prepare"):
+        run_study(cfg, phase="finetune", progress=False)
+
+
+def test_summary_ratios_and_table():
+    rows = []
+    for seed, (s, p) in enumerate([(100.0, 40.0), (110.0, 60.0), (90.0, 50.0)]):
+        rows.append({"molecule": "m", "setting": "none", "model": "scratch", "n_train": 50, "seed": seed,
+                     "force_mae": s, "energy_mae": 1.0})
+        rows.append({"molecule": "m", "setting": "unseen", "model": "full", "n_train": 50, "seed": seed,
+                     "force_mae": p, "energy_mae": None})
+    summary = summarize(rows)
+    full = next(s for s in summary if s["model"] == "full")
+    assert full["force_mae_mean"] == pytest.approx(50.0)
+    assert full["force_mae_std"] == pytest.approx(10.0)
+    assert full["ratio_scratch_over_model"] == pytest.approx(2.0)
+    assert full["energy_mae_mean"] is None
+    table = markdown_tables(summary)
+    assert "| full (unseen) | 50.0 ± 10.0 (2.00×) |" in table
+    assert "| scratch | 100.0 ± 10.0 |" in table
+
+
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+    cfg_dict = _config(tmp_path)
+    cfg_dict["pretrain"]["settings"]["unseen"] = ["forces_only", "full"]
+    cfg_dict["finetune"].update(n_train=[10], seeds=[0])
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    out = run_study(cfg, phase="all", workers=2, progress=False)
+    assert all(r["ok"] for r in out["pretrain"] + out["finetune"]), out
+    assert status(cfg)["finetune"] == {"total": 3, "done": 3, "started": 0, "failed": 0}
+    rows = json.loads((tmp_path / "study.json").read_text())
+    assert {r["model"] for r in rows} == {"scratch", "forces_only", "full"}
+    for r in rows:
+        for key in ("molecule", "setting", "model", "n_train", "seed", "force_mae", "energy_mae"):
+            assert key in r
+        assert r["molecule"] == "aspirin" and r["n_train"] == 10 and np.isfinite(r["force_mae"])
+        assert r["force_mae"] > 1.0  # meV/A, not eV/A
+    assert (tmp_path / "figures" / "aspirin_unseen.png").stat().st_size > 0
+    # the pre-trained weights are what the fine-tuning started from
+    ft = yaml.safe_load((tmp_path / "study/finetune/aspirin/unseen/full/n10_seed0/config.yaml").read_text())
+    assert ft["init_from"].endswith("pretrain/unseen/full/model.ckpt")
+    again = run_study(cfg, phase="finetune", workers=2, progress=False)
+    assert again["finetune"] == []  # nothing left to run
