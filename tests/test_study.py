@@ -145,14 +145,19 @@ def test_summary_ratios_and_table():
 
 def test_tiny_study_end_to_end_and_resume(tmp_path):
     cfg_dict = _config(tmp_path)
-    cfg_dict["pretrain"]["settings"]["unseen"] = ["forces_only", "full"]
     cfg_dict["finetune"].update(n_train=[10], seeds=[0])
     cfg = load_study_config(_write(tmp_path, cfg_dict))
     out = run_study(cfg, phase="all", workers=2, progress=False)
     assert all(r["ok"] for r in out["pretrain"] + out["finetune"]), out
-    assert status(cfg)["finetune"] == {"total": 3, "done": 3, "started": 0, "failed": 0}
+    assert status(cfg)["finetune"] == {"total": 4, "done": 4, "started": 0, "failed": 0}
     rows = json.loads((tmp_path / "study.json").read_text())
-    assert {r["model"] for r in rows} == {"scratch", "forces_only", "full"}
+    assert {r["model"] for r in rows} == {"scratch", "forces_only", "full", "full_sigma0.1"}
+    # the ablation's pre-training really used its own sigma
+    pre = yaml.safe_load((tmp_path / "study/pretrain/unseen/full_sigma0.1/config.yaml").read_text())
+    assert pre["loss"]["denoising"]["sigma"] == 0.1 and pre["loss"]["zero_force"] == 0.1
+    assert (tmp_path / "figures" / "aspirin_n10_variants.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "study_summary.json").read_text())
+    assert {p["model"] for p in summary["pretrain"]} == {"forces_only", "full", "full_sigma0.1"}
     for r in rows:
         for key in ("molecule", "setting", "model", "n_train", "seed", "force_mae", "energy_mae"):
             assert key in r
@@ -164,3 +169,32 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert ft["init_from"].endswith("pretrain/unseen/full/model.ckpt")
     again = run_study(cfg, phase="finetune", workers=2, progress=False)
     assert again["finetune"] == []  # nothing left to run
+
+
+def test_sigterm_stops_the_workers_too(tmp_path):
+    """Killing `forcecentric study` (a timeout, a batch system) must not leave training processes
+    running on without it: the run directory stops changing and resumes later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _config(tmp_path)
+    cfg["pretrain"]["settings"]["unseen"] = ["forces_only"]
+    cfg["pretrain"]["set"].update({"trainer.max_epochs": 500, "data.batch_size": 4, "trainer.log_every_n_steps": 1})
+    path = _write(tmp_path, cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "forcecentric.cli", "study", "-c", str(path), "--phase",
+                             "pretrain", "--workers", "1", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv_file = tmp_path / "study" / "pretrain" / "unseen" / "forces_only" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (csv_file.is_file() and csv_file.stat().st_size > 0):
+        time.sleep(0.5)
+    assert csv_file.is_file(), "the training job never started"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    time.sleep(2)
+    size = csv_file.stat().st_size
+    time.sleep(4)
+    assert csv_file.stat().st_size == size, "a worker kept training after the study was killed"

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 import forcecentric
@@ -246,3 +247,33 @@ def test_equilibrium_only_molecules_keep_just_their_minima(spec):
     assert len(dm.val_set) == 20  # validation is untouched
     _, none = train_records(1.0)
     assert none and all(eq for _, eq in none)
+
+
+def test_resume_after_sigkill_with_early_stopping(tmp_path, morse_file):
+    """A run killed with SIGKILL resumes from last.ckpt, which was written at the end of a
+    validation inside an epoch that never completed; early stopping must not trip over the
+    metrics that the resumed process has not logged yet."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _cfg(tmp_path, morse_file, **{"trainer.max_epochs": 1000, "trainer.early_stopping_patience": 500,
+                                        "optim.schedule": "plateau"})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "forcecentric.cli", "pretrain", "-c", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if last.is_file() and torch.load(last, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    epoch = torch.load(last, weights_only=False)["epoch"]
+    assert epoch >= 2
+    metrics = run(_cfg(tmp_path, morse_file, **{"trainer.max_epochs": epoch + 3, "trainer.early_stopping_patience": 500,
+                                                "optim.schedule": "plateau"}), resume=True)
+    assert metrics["epochs"] == epoch + 3

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,12 +344,28 @@ def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", thread
             log.warning("skipping %s: pre-trained model %s does not exist yet", j.run_dir, j.needs)
     if not ready:
         return []
-    results: list[dict[str, Any]] = []
-    t0 = time.time()
-    ctx = mp.get_context("spawn")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(ready), desc="study jobs", unit="run", disable=not progress)
+    # a SIGTERM (kill, timeout, a batch system) unwinds through the pool's context manager,
+    # which terminates the workers instead of leaving them to run on without a parent
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        results = _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return results
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
     with ctx.Pool(processes=max(1, workers), maxtasksperchild=1) as pool:
         waiting = list(ready)
         running: list = []
@@ -372,7 +389,6 @@ def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", thread
                     still.append(r)
             running = still
             time.sleep(0.5)
-    bar.close()
     return results
 
 
@@ -428,7 +444,9 @@ def markdown_tables(summary: list[dict[str, Any]]) -> str:
             label = s["model"] if s["setting"] == "none" else f"{s['model']} ({s['setting']})"
             if (label, s["setting"], s["model"]) not in models:
                 models.append((label, s["setting"], s["model"]))
-        models.sort(key=lambda m: (m[1] != "none", m[1], m[2]))
+        order = {name: i for i, name in enumerate((SCRATCH,) + OBJECTIVES)}
+        models.sort(key=lambda m: (SETTINGS.index(m[1]) + 1 if m[1] in SETTINGS else 0,
+                                   order.get(m[2], len(order)), m[2]))
         lines.append(f"\n**{mol}**: test force MAE in meV/Å, mean ± std over seeds "
                      "(× = scratch / model)\n")
         lines.append("| model | " + " | ".join(f"N={n}" for n in sizes) + " |")

@@ -86,7 +86,8 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
         LearningCurvePlot(run_dir),
     ]
     if t.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
+                                       strict=False))  # a resumed epoch end has no metrics yet
     if cfg.optim.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
     if t.progress_bar:

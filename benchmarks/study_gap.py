@@ -1,0 +1,67 @@
+"""How far apart are the pre-training labels (GFN2-xTB) and the DFT targets of the study?
+
+For 100 test frames of each DFT target of `configs/study.yaml` this computes GFN2-xTB forces
+(tblite) at the DFT geometries and compares them with the DFT forces, and evaluates every
+pre-trained model of the study before any fine-tuning ("zero-shot") against both. Writes
+benchmarks/results/study_gap.json.
+
+    python benchmarks/study_gap.py            # after `forcecentric study --phase pretrain`
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forcecentric.checkpoint import load
+from forcecentric.data import read_all
+from forcecentric.data.label import xtb_calculator
+from forcecentric.evaluation import predict, write_json
+from forcecentric.provenance import machine_info
+from forcecentric.study import load_study_config, pretrain_jobs
+
+N_FRAMES = 100
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    cfg = load_study_config("study")
+    out: dict = {"machine": machine_info("cpu"), "n_frames": N_FRAMES, "units": "meV/A (forces), meV (energies)",
+                 "targets": {}}
+    models = [j for j in pretrain_jobs(cfg) if j.done]
+    for target, tc in cfg.targets.items():
+        if "DFT" not in tc.kind:
+            continue
+        recs = read_all(Path(cfg.out) / "targets" / target / "test.extxyz")[:N_FRAMES]
+        f_xtb, e_xtb = [], []
+        for r in recs:
+            atoms = r.to_atoms()
+            atoms.calc = xtb_calculator()
+            f_xtb.append(atoms.get_forces())
+            e_xtb.append(atoms.get_potential_energy())
+        f_xtb = np.concatenate(f_xtb)
+        f_dft = np.concatenate([r.forces for r in recs])
+        de = np.array(e_xtb) - np.array([r.energy for r in recs])
+        row = {
+            "dft_force_mean_abs": 1000 * float(np.abs(f_dft).mean()),
+            "xtb_vs_dft_force_mae": 1000 * float(np.abs(f_xtb - f_dft).mean()),
+            "xtb_vs_dft_energy_mae_offset_removed": 1000 * float(np.abs(de - de.mean()).mean()),
+            "zero_shot": {},
+        }
+        for job in models:
+            _, pred = predict(load(job.run_dir / "model.ckpt"), recs)
+            pred = np.concatenate(pred)
+            row["zero_shot"][f"{job.key['setting']}/{job.key['model']}"] = {
+                "vs_dft": 1000 * float(np.abs(pred - f_dft).mean()),
+                "vs_xtb": 1000 * float(np.abs(pred - f_xtb).mean()),
+            }
+        out["targets"][target] = row
+        print(target, json.dumps({k: v for k, v in row.items() if k != "zero_shot"}))
+    write_json(out, "benchmarks/results/study_gap.json")
+
+
+if __name__ == "__main__":
+    main()
