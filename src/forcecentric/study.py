@@ -507,6 +507,8 @@ def report(cfg: StudyConfig, wall: dict[str, float] | None = None) -> dict[str, 
 def pretrain_table(pretrain: list[dict[str, Any]]) -> str:
     """Markdown table of the pre-training runs: validation force MAE on held-out corpus frames."""
     lines = ["\n**pre-training**: force MAE on 500 held-out corpus conformations (meV/Å)\n",
+             "The two settings draw their validation conformations from different pools: "
+             "`target_in_pretraining` includes the targets' xTB frames.\n",
              "| setting | variant | val force MAE | epochs | steps | wall (s) |", "|---|---|---:|---:|---:|---:|"]
     for p in sorted(pretrain, key=lambda p: (p["setting"], p["val_force_mae"])):
         lines.append(f"| {p['setting']} | {p['model']} | {p['val_force_mae']:.1f} | {p['epochs']} | "
