@@ -162,7 +162,8 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
     for setting, names in cfg.pretrain.settings.items():
         corpus = list(cfg.pretrain.corpus)
         if setting == "target_in_pretraining":
-            corpus += [str(p) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz"))] or [str(xtb_dir(cfg) / "shard-*.extxyz")]
+            # empty before `prepare`; the pretrain phase refuses to start without the frames
+            corpus += [str(p) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz"))]
         for name in names:
             over = dict(cfg.pretrain.set)
             if name in cfg.pretrain.objectives:
@@ -196,11 +197,12 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
     for setting, names in cfg.pretrain.settings.items():
         models += [(name, setting) for name in names]
     sizes = sorted(set(ft.n_train) | set(ft.ablation_n_train))
+    pools = {target: pool_size(cfg, target) for target in cfg.targets}
     for n in sizes:
         for seed in ft.seeds:
             for target, tc in cfg.targets.items():
                 tdir = _target_dir(cfg, target)
-                if n > pool_size(cfg, target):
+                if n > pools[target]:
                     continue
                 for name, setting in models:
                     if setting is not None and setting not in tc.settings:
@@ -337,10 +339,13 @@ def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", thread
     """Run the jobs that are not done (in order, ``workers`` at a time, one fresh process per
     job). Fine-tuning jobs whose pre-trained model is missing are skipped with a message. After
     ``stop_after_minutes`` no new job starts; running ones finish."""
-    pending = [j for j in jobs if not j.done]
-    ready = [j for j in pending if j.needs is None or j.needs.is_file()]
-    for j in pending:
-        if j not in ready:
+    ready = []
+    for j in jobs:
+        if j.done:
+            continue
+        if j.needs is None or j.needs.is_file():
+            ready.append(j)
+        else:
             log.warning("skipping %s: pre-trained model %s does not exist yet", j.run_dir, j.needs)
     if not ready:
         return []
