@@ -99,6 +99,29 @@ def test_planning_skips_sizes_the_pool_cannot_give_and_limits_ablations(tmp_path
     assert [j.key["seed"] for j in jobs[:8]] == [0] * 4 + [1] * 4
 
 
+def test_finetune_variants_run_at_the_ablation_size_for_the_named_models(tmp_path):
+    cfg_dict = _config(tmp_path)
+    cfg_dict["finetune"].update(variants={"lr1e-3": {"optim.lr": 1.0e-3}}, variant_models=["scratch", "full"])
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    jobs = finetune_jobs(cfg)
+    variant = [j for j in jobs if j.key["finetune"] == "lr1e-3"]
+    # scratch and full at the ablation N only, every seed; their own run directories
+    assert sorted((j.key["model"], j.key["n_train"], j.key["seed"]) for j in variant) == [
+        ("full", 10, 0), ("full", 10, 1), ("scratch", 10, 0), ("scratch", 10, 1)]
+    assert all(j.config["optim"]["lr"] == 1.0e-3 for j in variant)
+    assert all(j.config["optim"]["lr"] != 1.0e-3 for j in jobs if j.key["finetune"] == "default")
+    assert len({j.run_dir for j in jobs}) == len(jobs)
+    assert str(next(j for j in variant if j.key["model"] == "full" and j.key["seed"] == 0).run_dir).endswith(
+        "finetune/aspirin/unseen/full/n10_seed0_lr1e-3")
+    for bad, match in (({"variant_models": ["forces_typo"]}, "forces_typo"),
+                       ({"variants": {"default": {"optim.lr": 1.0}}}, "default")):
+        cfg_dict = _config(tmp_path)
+        cfg_dict["finetune"].update(bad)
+        with pytest.raises(ConfigError, match=match):
+            load_study_config(_write(tmp_path, cfg_dict))
+
+
 def test_prepare_splits_disjoint_val_test_and_keeps_the_labels(tmp_path):
     cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
     report = prepare(cfg, progress=False)
@@ -141,6 +164,17 @@ def test_summary_ratios_and_table():
     table = markdown_tables(summary)
     assert "| full (unseen) | 50.0 ± 10.0 (2.00×) |" in table
     assert "| scratch | 100.0 ± 10.0 |" in table
+    # a fine-tuning variant is compared with scratch fine-tuned the same way
+    rows += [{"molecule": "m", "setting": "none", "model": "scratch", "n_train": 50, "seed": 0,
+              "finetune": "lr1e-3", "force_mae": 60.0, "energy_mae": 1.0},
+             {"molecule": "m", "setting": "unseen", "model": "full", "n_train": 50, "seed": 0,
+              "finetune": "lr1e-3", "force_mae": 40.0, "energy_mae": 1.0}]
+    summary = summarize(rows)
+    full_v = next(s for s in summary if s["model"] == "full" and s["finetune"] == "lr1e-3")
+    assert full_v["ratio_scratch_over_model"] == pytest.approx(1.5)
+    assert next(s for s in summary if s["model"] == "full" and s["finetune"] == "default")[
+        "ratio_scratch_over_model"] == pytest.approx(2.0)
+    assert "| full (unseen) [lr1e-3] | 40.0 ± 0.0 (1.50×) [1 seed] |" in markdown_tables(summary)
 
 
 def test_tiny_study_end_to_end_and_resume(tmp_path):

@@ -226,9 +226,9 @@ def cmd_study(args) -> int:
     filters = {}
     for item in args.only or []:
         key, _, values = item.partition("=")
-        if key not in ("molecule", "setting", "model", "n_train", "seed") or not values:
+        if key not in ("molecule", "setting", "model", "n_train", "seed", "finetune") or not values:
             raise ForceCentricError(f"--only expects KEY=V1,V2 with KEY one of molecule, setting, model, "
-                                    f"n_train, seed; got {item!r}")
+                                    f"n_train, seed, finetune; got {item!r}")
         filters[key] = values.split(",")
     out = run_study(cfg, phase=args.phase, workers=args.workers, accelerator=args.accelerator,
                     threads=args.threads, stop_after_minutes=args.stop_after, progress=not args.no_progress,
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stop-after", type=float, default=None, metavar="MIN",
                     help="start no new job after this many minutes (run again to continue)")
     sp.add_argument("--only", action="append", metavar="KEY=V1,V2",
-                    help="run only jobs whose molecule / setting / model / n_train / seed is listed (repeatable)")
+                    help="run only jobs whose molecule / setting / model / n_train / seed / finetune (variant) is listed (repeatable)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_study)

@@ -43,6 +43,7 @@ log = logging.getLogger("forcecentric")
 SETTINGS = ("unseen", "target_in_pretraining")
 OBJECTIVES = ("forces_only", "forces_zero", "forces_denoise", "full")
 SCRATCH = "scratch"
+DEFAULT_FT = "default"  # the fine-tuning settings of ``finetune.set``, without a variant
 
 
 class TargetConfig(_Strict):
@@ -83,6 +84,15 @@ class FinetuneConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     ablation_n_train: list[int] = Field(default_factory=lambda: [50, 250])
     ablation_targets: list[str] | None = Field(None, description="targets the ablations run on (None: all)")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fine-tuning hyper-parameter variants: name -> dotted overrides (e.g. optim.lr), run "
+                    "at ablation_n_train on ablation_targets for variant_models",
+    )
+    variant_models: list[str] = Field(
+        default_factory=lambda: [SCRATCH],
+        description="models fine-tuned with each variant: 'scratch' or a pre-training name (unseen setting)",
+    )
 
 
 class StudyConfig(_Strict):
@@ -109,6 +119,14 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
                     f"pretrain.settings.{setting} names {name!r}, which is neither an objective "
                     f"{sorted(cfg.pretrain.objectives)} nor an ablation {sorted(cfg.pretrain.ablations)}"
                 )
+    unseen = set(cfg.pretrain.settings.get("unseen", []))
+    bad = [m for m in cfg.finetune.variant_models if m != SCRATCH and m not in unseen]
+    if bad:
+        raise ConfigError(f"finetune.variant_models names {bad}: each must be {SCRATCH!r} or a pre-training "
+                          f"of the unseen setting {sorted(unseen)}")
+    if DEFAULT_FT in cfg.finetune.variants:
+        raise ConfigError(f"finetune.variants: {DEFAULT_FT!r} is the name of the plain fine-tuning settings; "
+                          "give the variant another name")
     if "target_in_pretraining" in cfg.pretrain.settings:
         missing = [t for t, tc in cfg.targets.items() if "target_in_pretraining" in tc.settings and not tc.smiles]
         if missing:
@@ -204,17 +222,21 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                 tdir = _target_dir(cfg, target)
                 if n > pools[target]:
                     continue
-                for name, setting in models:
+                in_ablation = n in ft.ablation_n_train and (
+                    ft.ablation_targets is None or target in ft.ablation_targets)
+                for (name, setting), variant in [(m, DEFAULT_FT) for m in models] + [
+                        (m, v) for v in ft.variants for m in models
+                        if m[0] in ft.variant_models and m[1] in (None, "unseen")]:
                     if setting is not None and setting not in tc.settings:
                         continue
-                    is_ablation = name in ablations
-                    if is_ablation and (n not in ft.ablation_n_train or (
-                            ft.ablation_targets is not None and target not in ft.ablation_targets)):
-                        continue
-                    if not is_ablation and n not in ft.n_train:
+                    if name in ablations or variant != DEFAULT_FT:
+                        if not in_ablation:
+                            continue
+                    elif n not in ft.n_train:
                         continue
                     label = f"{setting}/{name}" if setting else name
-                    run_dir = Path(cfg.out) / "finetune" / target / label / f"n{n}_seed{seed}"
+                    leaf = f"n{n}_seed{seed}" + ("" if variant == DEFAULT_FT else f"_{variant}")
+                    run_dir = Path(cfg.out) / "finetune" / target / label / leaf
                     data = copy.deepcopy(base)
                     data["task"] = "finetune"
                     data["seed"] = seed
@@ -226,12 +248,13 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                     )
                     apply_overrides(data, dict(ft.set))
                     apply_overrides(data, dict(model_over.get(name, {})))  # e.g. a larger ET
+                    apply_overrides(data, dict(ft.variants.get(variant, {})))
                     needs = None
                     if setting is not None:
                         needs = Path(cfg.out) / "pretrain" / setting / name / "model.ckpt"
                         data["init_from"] = str(needs)
                     key = {"molecule": target, "setting": setting or "none", "model": name,
-                           "n_train": n, "seed": seed}
+                           "n_train": n, "seed": seed, "finetune": variant}
                     jobs.append(Job("finetune", run_dir, data, key, needs))
     return jobs
 
@@ -423,20 +446,31 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (molecule, setting, model, N), plus scratch / model ratios."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["molecule"], r["setting"], r["model"], r["n_train"]), []).append(r)
-    scratch = {(k[0], k[3]): np.mean([r["force_mae"] for r in v]) for k, v in groups.items() if k[2] == SCRATCH}
+        ft = r.get("finetune", DEFAULT_FT)
+        groups.setdefault((r["molecule"], r["setting"], r["model"], r["n_train"], ft), []).append(r)
+    scratch = {(k[0], k[3], k[4]): np.mean([r["force_mae"] for r in v])
+               for k, v in groups.items() if k[2] == SCRATCH}
     out = []
-    for (mol, setting, model, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2])):
+    for (mol, setting, model, n, ft), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][4] != DEFAULT_FT, kv[0][4], kv[0][1], kv[0][2])):
         f = np.array([r["force_mae"] for r in rs])
         e = np.array([r["energy_mae"] for r in rs if r["energy_mae"] is not None])
-        s = scratch.get((mol, n))
+        # a variant is compared with scratch fine-tuned the same way when that exists
+        s = scratch.get((mol, n, ft), scratch.get((mol, n, DEFAULT_FT)))
         out.append({
-            "molecule": mol, "setting": setting, "model": model, "n_train": n, "n_seeds": len(rs),
+            "molecule": mol, "setting": setting, "model": model, "n_train": n, "finetune": ft, "n_seeds": len(rs),
             "force_mae_mean": float(f.mean()), "force_mae_std": float(f.std(ddof=1)) if len(f) > 1 else 0.0,
             "energy_mae_mean": float(e.mean()) if len(e) else None,
             "ratio_scratch_over_model": float(s / f.mean()) if s is not None else None,
         })
     return out
+
+
+def _label(s: dict[str, Any], short: bool = False) -> str:
+    """Row label of a summary entry: model, its pre-training setting, the fine-tuning variant."""
+    setting = s["setting"][:6] if short else s["setting"]
+    label = s["model"] if s["setting"] == "none" else f"{s['model']} ({setting})"
+    return label if s.get("finetune", DEFAULT_FT) == DEFAULT_FT else f"{label} [{s['finetune']}]"
 
 
 def markdown_tables(summary: list[dict[str, Any]]) -> str:
@@ -446,20 +480,20 @@ def markdown_tables(summary: list[dict[str, Any]]) -> str:
         sizes = sorted({s["n_train"] for s in rows})
         models = []
         for s in rows:
-            label = s["model"] if s["setting"] == "none" else f"{s['model']} ({s['setting']})"
-            if (label, s["setting"], s["model"]) not in models:
-                models.append((label, s["setting"], s["model"]))
+            if (_label(s), s["setting"], s["model"], s["finetune"]) not in models:
+                models.append((_label(s), s["setting"], s["model"], s["finetune"]))
         order = {name: i for i, name in enumerate((SCRATCH,) + OBJECTIVES)}
-        models.sort(key=lambda m: (SETTINGS.index(m[1]) + 1 if m[1] in SETTINGS else 0,
+        models.sort(key=lambda m: (m[3] != DEFAULT_FT, m[3], SETTINGS.index(m[1]) + 1 if m[1] in SETTINGS else 0,
                                    order.get(m[2], len(order)), m[2]))
         lines.append(f"\n**{mol}**: test force MAE in meV/Å, mean ± std over seeds "
                      "(× = scratch / model)\n")
         lines.append("| model | " + " | ".join(f"N={n}" for n in sizes) + " |")
         lines.append("|---|" + "---:|" * len(sizes))
-        for label, setting, model in models:
+        for label, setting, model, ft in models:
             cells = []
             for n in sizes:
-                hit = [s for s in rows if s["setting"] == setting and s["model"] == model and s["n_train"] == n]
+                hit = [s for s in rows if s["setting"] == setting and s["model"] == model and s["n_train"] == n
+                       and s["finetune"] == ft]
                 if not hit:
                     cells.append("")
                     continue
@@ -494,14 +528,14 @@ def report(cfg: StudyConfig, wall: dict[str, float] | None = None) -> dict[str, 
     for mol in sorted({r["molecule"] for r in summary}):
         for setting in ("unseen", "target_in_pretraining"):
             sel = [s for s in summary if s["molecule"] == mol and s["setting"] in ("none", setting)
-                   and s["model"] in (SCRATCH,) + OBJECTIVES]
+                   and s["model"] in (SCRATCH,) + OBJECTIVES and s["finetune"] == DEFAULT_FT]
             if any(s["setting"] == setting for s in sel):
                 plots.append(str(study_learning_curves(sel, f"{mol}, {setting}", figs / f"{mol}_{setting}.png")))
     for mol in sorted({r["molecule"] for r in summary}):
         for n in cfg.finetune.ablation_n_train:
-            sel = [dict(s, label=s["model"] if s["setting"] == "none" else f"{s['model']} ({s['setting'][:6]})")
+            sel = [dict(s, label=_label(s, short=True))
                    for s in summary if s["molecule"] == mol and s["n_train"] == n]
-            if any(s["model"] in cfg.pretrain.ablations for s in sel):
+            if any(s["model"] in cfg.pretrain.ablations or s["finetune"] != DEFAULT_FT for s in sel):
                 plots.append(str(study_bars(sel, f"{mol}, N = {n}: every pre-training variant",
                                             figs / f"{mol}_n{n}_variants.png")))
     md = markdown_tables(summary) + pretrain_table(meta["pretrain"])
