@@ -98,11 +98,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     """Load a model checkpoint (or a run's Lightning checkpoint) and return the ``ForceField``.
 
     The returned model is in eval mode, with ``model.elements`` (atomic numbers it was trained
-    on) and ``model.metadata`` (training data description, metrics, version) attached.
+    on) and ``model.metadata`` (training data description, metrics, version) attached. A frozen
+    artifact written by ``forcecentric export`` loads as a :class:`~forcecentric.export.FrozenModel`
+    (inference only, same call signature).
     """
+    from .export import is_exported, load_exported
     from .nn.model import ForceField
 
     path = Path(path)
+    if is_exported(path):
+        return load_exported(path, device=device, dtype=dtype)
     raw = _read(path)
     if "forcecentric" in raw and "state_dict" in raw:  # Lightning checkpoint of a run
         payload = dict(raw["forcecentric"])

@@ -200,6 +200,16 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export, load_exported
+
+    out = export(args.model, args.out, dtype=args.dtype)
+    meta = load_exported(out).meta
+    print(json.dumps({"artifact": str(out), "bytes": out.stat().st_size,
+                      **{k: meta[k] for k in ("elements", "cutoff", "dtype", "units", "package_version")}}, indent=2))
+    return 0
+
+
 def cmd_md_benchmark(args) -> int:
     from .md.benchmark import load_benchmark_config, markdown_table, run_benchmark
 
@@ -365,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the starting structure, two atoms closer than --min-distance A, or temperature "
                         "above --max-temperature; --resume continues "
                         "from the last saved frame. Exit status 3 when the run stopped early.", formatter_class=fmt)
-    sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
+    sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt) or exported artifact")
     sp.add_argument("--structure", required=True, help="starting structure: any ASE-readable file (first frame) or a SMILES")
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--temperature", type=float, default=300.0, help="temperature (K)")
@@ -389,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_simulate)
+
+    sp = sub.add_parser("export", help="write a frozen TorchScript model that runs without the training code",
+                        description="Scripts the model with its own neighbour search and writes one file with its "
+                        "metadata (elements, cutoff, units, dtype, version). forcecentric.load, forcecentric.Calculator "
+                        "and torch.jit.load (Python or C++) read it.", formatter_class=fmt)
+    sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
+    sp.add_argument("--out", required=True, help="artifact file to write, e.g. model.pt")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("md-benchmark", help="MD stability / h(r) benchmark over models, molecules and seeds",
                         description="Runs the protocol of Fu et al. (TMLR 2023) for every model x molecule x seed "

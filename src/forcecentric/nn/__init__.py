@@ -5,7 +5,7 @@ from __future__ import annotations
 from .et import ETRepresentation
 from .heads import EnergyHead, ScalarHead, VectorHead
 from .model import ForceField
-from .neighbors import radius_graph
+from .neighbors import VerletList, radius_graph
 from .priors import EnergyPrior
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The force field: ET representation + energy head + priors; forces = -dE/dpos by autograd."""
 
 from collections.abc import Mapping
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ class ForceField(nn.Module):
     equivariant head on the shared representation.
     """
 
-    __jit_unused_properties__ = ["energy_scale", "energy_shift", "atomref"]
+    __jit_unused_properties__ = ["energy_scale", "energy_shift", "atomref", "is_compiled"]
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -143,6 +143,34 @@ class ForceField(nn.Module):
         return out
 
     @torch.jit.unused
+    def compile_inference(self, **compile_kwargs) -> "ForceField":
+        """Compile the energy with ``torch.compile`` (dynamic shapes) for inference: MD, evaluation.
+
+        Forces stay ``-dE/dpos`` by autograd through the compiled graph; the results equal the
+        eager path's to float rounding. The first call compiles (tens of seconds to minutes on
+        a CPU; Inductor caches the kernels on disk for later processes); new atom and edge counts
+        do not recompile. Training through a compiled model (forces with ``create_graph``) is
+        refused: call :meth:`disable_compile` first. Export (TorchScript) an uncompiled model.
+        """
+        # per-atom energies only: the sum over molecules stays eager (Inductor's CPU code for a
+        # scatter into a one-element output fails with several threads, torch 2.13)
+        self.__dict__["_atom_energy"] = torch.compile(
+            ForceField._atom_energy.__get__(self), dynamic=True, **compile_kwargs
+        )
+        return self
+
+    @torch.jit.unused
+    def disable_compile(self) -> "ForceField":
+        """Back to the eager energy (see :meth:`compile_inference`)."""
+        self.__dict__.pop("_atom_energy", None)
+        return self
+
+    @property
+    @torch.jit.unused
+    def is_compiled(self) -> bool:
+        return "_atom_energy" in self.__dict__
+
+    @torch.jit.unused
     def _energy_and_forces_eager(
         self,
         z: Tensor,
@@ -166,6 +194,11 @@ class ForceField(nn.Module):
                     False,
                     False,
                 )
+        if make_graph and self.is_compiled:
+            raise RuntimeError(
+                "this model is compiled for inference (compile_inference); forces with create_graph "
+                "(training) need the eager model: call model.disable_compile() first"
+            )
         with torch.enable_grad():
             return self._energy_and_forces(
                 z, pos, batch, n_graphs, edge_index, make_graph, keep_graph
@@ -210,13 +243,17 @@ class ForceField(nn.Module):
     def _energy(
         self, z: Tensor, pos: Tensor, batch: Tensor, n_graphs: int, edge_index: Tensor
     ) -> Dict[str, Tensor]:
-        x, vec = self.representation(z, pos, batch, edge_index)
-        atom_energy = self.prior(self.energy_head(x, vec), z)
+        atom_energy, x, vec = self._atom_energy(z, pos, batch, edge_index)
         energy = atom_energy.new_zeros(n_graphs).index_add(0, batch, atom_energy)
         out = {"energy": energy}
         if self.denoise_head is not None:
             out["noise_pred"] = self.denoise_head(x, vec)
         return out
+
+    def _atom_energy(self, z: Tensor, pos: Tensor, batch: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-atom energies (eV) and the representation ``(x, vec)``; what compile_inference compiles."""
+        x, vec = self.representation(z, pos, batch, edge_index)
+        return self.prior(self.energy_head(x, vec), z), x, vec
 
     def extra_repr(self) -> str:
         c = self.config

@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["radius_graph", "DENSE_MAX_ATOMS_CPU", "DENSE_MAX_ATOMS_CUDA"]
+__all__ = ["radius_graph", "VerletList", "DENSE_MAX_ATOMS_CPU", "DENSE_MAX_ATOMS_CUDA"]
 
 #: Molecules with at most this many atoms use the dense back-end on CPU tensors.
 DENSE_MAX_ATOMS_CPU = 64
@@ -164,3 +164,62 @@ def radius_graph(
     if not pieces:
         return _empty(device)
     return torch.cat(pieces, dim=1)
+
+
+class VerletList:
+    """A neighbour list reused across MD steps (Verlet list with a skin).
+
+    The candidate pairs are built once with ``cutoff + skin``; each call keeps those closer than
+    ``cutoff`` at the current positions, which costs one distance per candidate pair instead of a
+    new search. The list is rebuilt when an atom has moved more than ``skin / 2`` since the last
+    build (then no pair can have entered the cutoff sphere unseen), or when the atoms or molecules
+    change. The result is the same set of pairs as :func:`radius_graph` with ``cutoff``; only the
+    order of the edges may differ.
+
+    ``skin = 0`` rebuilds at every call (the plain path). ``n_builds`` and ``n_calls`` count the
+    searches and the calls.
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.5) -> None:
+        if not cutoff > 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self.n_builds = 0
+        self.n_calls = 0
+        self._ref_pos: Tensor | None = None
+        self._ref_batch: Tensor | None = None
+        self._candidates: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the list: the next call searches again."""
+        self._ref_pos = self._ref_batch = self._candidates = None
+
+    def _stale(self, pos: Tensor, batch: Tensor | None) -> bool:
+        ref = self._ref_pos
+        if ref is None or self.skin == 0.0 or ref.shape != pos.shape or ref.device != pos.device:
+            return True
+        if (batch is None) != (self._ref_batch is None):
+            return True
+        if batch is not None and not torch.equal(batch, self._ref_batch):
+            return True
+        moved2 = ((pos - ref) ** 2).sum(-1).max()
+        return bool(moved2 > (0.5 * self.skin) ** 2)
+
+    def __call__(self, pos: Tensor, batch: Tensor | None = None) -> Tensor:
+        """``edge_index [2, E]`` of the pairs closer than ``cutoff`` (see :func:`radius_graph`)."""
+        pos = pos.detach()
+        self.n_calls += 1
+        if self._stale(pos, batch):
+            self._candidates = radius_graph(pos, batch, self.cutoff + self.skin)
+            self._ref_pos = pos.clone()
+            self._ref_batch = None if batch is None else batch.clone()
+            self.n_builds += 1
+            if self.skin == 0.0:
+                return self._candidates
+        i, j = self._candidates
+        d = pos.index_select(0, j) - pos.index_select(0, i)
+        keep = (d * d).sum(-1) < self.cutoff * self.cutoff
+        return self._candidates[:, keep]

@@ -1,0 +1,55 @@
+"""The speed benchmark's plumbing: a worker row for our ET, ratios, the table (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+speed = pytest.importorskip("speed")
+
+
+def test_worker_row_for_our_et(tmp_path):
+    mols = [{"name": "water", "numbers": [8, 1, 1],
+             "positions": [[0.0, 0.0, 0.119], [0.0, 0.763, -0.477], [0.0, -0.763, -0.477]]}]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(mols))
+    res = subprocess.run([sys.executable, str(BENCH / "speed_worker.py"), "--model", "forcecentric-et", "--size",
+                          "demo", "--molecules", str(path), "--threads", "1", "--repeats", "2", "--budget-s", "0",
+                          "--warmup", "1", "--batch", "4", "--md-steps", "5"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line[4:]) for line in res.stdout.splitlines() if line.startswith("ROW ")]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["error"] is None, row.get("traceback")
+    assert row["model"] == "forcecentric-et" and row["n_atoms"] == 3 and row["num_parameters"] == 207617
+    assert row["latency_ms_median"] > 0 and row["throughput_structures_per_s"] > 0 and row["md_steps_per_s"] > 0
+    assert row["peak_rss_mb"] > 0
+
+
+def test_ratios_and_table_mark_errors():
+    rows = [
+        {"model": "forcecentric-et", "variant": "eager", "size": "paper", "molecule": "m", "n_atoms": 9,
+         "latency_ms_median": 10.0, "num_parameters": 5, "error": None},
+        {"model": "forcecentric-et", "variant": "compiled", "size": "paper", "molecule": "m", "n_atoms": 9,
+         "latency_ms_median": 5.0, "num_parameters": 5, "error": None},
+        {"model": "nequip", "variant": "eager", "size": "paper", "molecule": "m", "n_atoms": 9,
+         "latency_ms_median": 40.0, "num_parameters": 7, "error": None},
+        {"model": "mace", "variant": "eager", "size": "paper", "molecule": "m", "n_atoms": 9,
+         "latency_ms_median": None, "error": "ImportError: no mace"},
+    ]
+    speed.add_ratios(rows)
+    assert [r["ratio_to_ours"] for r in rows] == [2.0, 1.0, 8.0, None]
+    meta = {"run_id": "x", "machine": {"device": "cpu"}, "threads": 2, "dtype": "float32"}
+    table = speed.markdown(rows, meta)
+    assert "| nequip | paper | 7 | 40.0 (8.00×) |" in table
+    assert "| mace | paper |  | error |" in table and "ImportError: no mace" in table
+    combined = speed.combine([rows[:1], [dict(rows[0], latency_ms_median=14.0)]])
+    assert combined[0]["latency_ms_median"] == 12.0 and combined[0]["passes"] == 2
