@@ -151,7 +151,7 @@ def test_export_cli_and_bad_artifacts(model_path, tmp_path, capsys):
         forcecentric.load(broken)
 
 
-def test_compiled_inference_equals_eager(tiny_config):
+def test_compiled_inference_equals_eager(tiny_config, tmp_path):
     from forcecentric.nn.model import ForceField
 
     torch.manual_seed(0)
@@ -159,14 +159,19 @@ def test_compiled_inference_equals_eager(tiny_config):
     gen = torch.Generator().manual_seed(1)
     z = torch.randint(1, 9, (12,), generator=gen)
     pos = torch.rand(12, 3, generator=gen) * 4.0
-    ref = model(z, pos)
     model.compile_inference()
     assert model.is_compiled
-    for scale in (1.0, 1.3):  # a different edge count reuses the dynamic-shape graph
+    for scale in (1.0, 1.3):  # another edge count
         ref = model.disable_compile()(z, pos * scale)
         got = model.compile_inference()(z, pos * scale)
         torch.testing.assert_close(got["energy"], ref["energy"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["forces"], ref["forces"], atol=1e-5, rtol=1e-5)
-    model.train()
+    # export scripts an eager copy and leaves the caller's model compiled
+    model.elements = [1, 2, 3, 4, 5, 6, 7, 8]
+    art = export(model, tmp_path / "compiled.pt")
+    assert model.is_compiled
+    eager = model.disable_compile()(z, pos)
+    torch.testing.assert_close(forcecentric.load(art)(z, pos)["forces"], eager["forces"], atol=1e-5, rtol=1e-5)
+    model.compile_inference().train()
     with pytest.raises(RuntimeError, match="disable_compile"):
         model(z, pos, create_graph=True)

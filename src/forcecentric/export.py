@@ -77,10 +77,15 @@ def export(model, out: str | Path, dtype: str | torch.dtype = "float32") -> Path
     source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         model = load(model)
-    if getattr(model, "is_compiled", False):
-        model = copy.deepcopy(model).disable_compile()
     dt = resolve_dtype(dtype)
-    model = copy.deepcopy(model).to(device="cpu", dtype=dt).eval()
+    # script an eager copy; a compiled energy (compile_inference) stays on the caller's model
+    compiled = model.__dict__.pop("_atom_energy", None)
+    try:
+        eager = copy.deepcopy(model)
+    finally:
+        if compiled is not None:
+            model.__dict__["_atom_energy"] = compiled
+    model = eager.to(device="cpu", dtype=dt).eval()
     meta = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,

@@ -28,8 +28,10 @@ class Calculator(_AseCalculator):
 
     * ``skin`` (Å): the neighbour list is a Verlet list, searched with ``cutoff + skin`` and reused
       until an atom has moved more than ``skin / 2``; ``skin=0`` searches at every call;
-    * ``compile=True``: ``torch.compile`` of the energy (a checkpoint's model only; the first call
-      compiles, which takes a while);
+    * ``compile=True``: ``torch.compile`` of the energy (a checkpoint's model only, compiled in
+      place when a model object is passed; the first call compiles, which takes a while; on a
+      CPU it pays off for the smallest molecules and the largest systems only, see
+      docs/results.md);
     * :meth:`predict` evaluates many structures in batches of ``batch_size`` model calls.
 
     Inference keeps no autograd graph beyond the forces.
