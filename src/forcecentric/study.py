@@ -536,7 +536,7 @@ def report(cfg: StudyConfig, wall: dict[str, float] | None = None) -> dict[str, 
             sel = [dict(s, label=_label(s, short=True))
                    for s in summary if s["molecule"] == mol and s["n_train"] == n]
             if any(s["model"] in cfg.pretrain.ablations or s["finetune"] != DEFAULT_FT for s in sel):
-                plots.append(str(study_bars(sel, f"{mol}, N = {n}: every pre-training variant",
+                plots.append(str(study_bars(sel, f"{mol}, N = {n}: every variant",
                                             figs / f"{mol}_n{n}_variants.png")))
     md = markdown_tables(summary) + pretrain_table(meta["pretrain"])
     (figs / "tables.md").write_text(md)
