@@ -145,6 +145,8 @@ def test_export_cli_and_bad_artifacts(model_path, tmp_path, capsys):
     summary = json.loads((md / "summary.json").read_text())
     assert summary["steps_completed"] == 6 and summary["stopped_reason"] is None
     capsys.readouterr()
+    with pytest.raises(CheckpointError, match="already an exported artifact"):
+        export(out, tmp_path / "again.pt")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="broken.pt"):

@@ -77,6 +77,8 @@ def export(model, out: str | Path, dtype: str | torch.dtype = "float32") -> Path
     source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         model = load(model)
+    if isinstance(model, FrozenModel):
+        raise CheckpointError(f"{source!r} is already an exported artifact: export its training checkpoint")
     dt = resolve_dtype(dtype)
     # script an eager copy; a compiled energy (compile_inference) stays on the caller's model
     compiled = model.__dict__.pop("_atom_energy", None)
