@@ -201,10 +201,10 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export, load_exported
+    from .export import artifact_metadata, export
 
     out = export(args.model, args.out, dtype=args.dtype)
-    meta = load_exported(out).meta
+    meta = artifact_metadata(out)
     print(json.dumps({"artifact": str(out), "bytes": out.stat().st_size,
                       **{k: meta[k] for k in ("elements", "cutoff", "dtype", "units", "package_version")}}, indent=2))
     return 0

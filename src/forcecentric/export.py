@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import CheckpointError
 
-__all__ = ["export", "is_exported", "load_exported", "FrozenModel", "dense_radius_graph"]
+__all__ = ["export", "artifact_metadata", "is_exported", "load_exported", "FrozenModel", "dense_radius_graph"]
 
 METADATA_FILE = "forcecentric.json"
 # torch 2.13 marks TorchScript deprecated in favour of torch.export, but TorchScript is what
@@ -118,13 +118,20 @@ def export(model, out: str | Path, dtype: str | torch.dtype = "float32") -> Path
     return out
 
 
-def is_exported(path: str | Path) -> bool:
-    """Whether ``path`` is an artifact written by :func:`export` (not a training checkpoint)."""
+def artifact_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The JSON record of an artifact written by :func:`export`, read from the file without
+    loading the model; None for anything else (a training checkpoint, not a zip file)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return any(name.endswith(f"extra/{METADATA_FILE}") for name in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+            name = next((n for n in zf.namelist() if n.endswith(f"extra/{METADATA_FILE}")), None)
+            return None if name is None else json.loads(zf.read(name))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether ``path`` is an artifact written by :func:`export` (not a training checkpoint)."""
+    return artifact_metadata(path) is not None
 
 
 class FrozenModel(nn.Module):
