@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms, units
+from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..errors import DataError
@@ -920,13 +921,17 @@ def _check_info_round_trip(atoms_list: Sequence[Atoms], path: Path) -> None:
                 seen.add(value)
 
 
-def write_extxyz(path: str | os.PathLike, atoms_list: Sequence[Atoms]) -> Path:
+def write_extxyz(
+    path: str | os.PathLike, atoms_list: Sequence[Atoms], *, require_forces: bool = True
+) -> Path:
     """Write labelled records to an extended-XYZ file atomically.
 
     The file is written to a temporary file in the same directory and moved into place with
     :func:`os.replace`, so readers never see a half-written file. Energies and forces come from
     each record's calculator; ``ase.io.read(path, ":")`` gives back the same energies, forces
-    and ``info`` keys (booleans included).
+    and ``info`` keys (booleans included). With ``require_forces=False`` records need only an
+    energy (property records such as :func:`label_properties` makes); forces present are still
+    checked.
 
     Raises:
         DataError: a record has no energy/forces, non-finite labels, or a string ``info`` value
@@ -939,8 +944,17 @@ def write_extxyz(path: str | os.PathLike, atoms_list: Sequence[Atoms]) -> Path:
     for i, atoms in enumerate(atoms_list):
         if atoms.calc is None:
             raise DataError("record has no energy/forces (no calculator)", file=str(path), record=i)
-        e = atoms.get_potential_energy()
-        f = atoms.get_forces()
+        try:
+            e = atoms.get_potential_energy()
+            if not require_forces and "forces" not in atoms.calc.results:
+                f = np.zeros(0)
+            else:
+                f = atoms.get_forces()
+        except PropertyNotImplementedError as exc:
+            raise DataError(
+                f"record has no {'energy/forces' if require_forces else 'energy'} ({exc})",
+                file=str(path), record=i,
+            ) from None
         if not np.isfinite(e) or not np.all(np.isfinite(f)):
             raise DataError("non-finite energy or forces", file=str(path), record=i)
     _check_info_round_trip(atoms_list, path)
@@ -1133,3 +1147,337 @@ def label_to_shards(
     }
     (out / "label_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Molecular-property labels (HOMO, LUMO, gap, dipole) from a GFN2-xTB single point
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["PROPERTY_INFO_KEYS", "xtb_properties", "label_properties"]
+
+#: The ``atoms.info`` keys every property record from :func:`label_properties` carries
+#: (``smiles`` only when the input record knows it).
+PROPERTY_INFO_KEYS = (
+    "homo",
+    "lumo",
+    "gap",
+    "mu",
+    "dipole_x",
+    "dipole_y",
+    "dipole_z",
+    "equilibrium",
+    "mol_id",
+    "smiles",
+    "source",
+    "level_of_theory",
+    "charge",
+)
+
+# tblite's default electronic temperature, also what the TBLite ASE calculator (and so every
+# energy/force label of this module) uses: properties and energies stay consistent.
+_ELECTRONIC_TEMPERATURE_K = 300.0
+
+
+def _structure_of(record: Any) -> tuple[np.ndarray, np.ndarray, int | None, str, dict[str, Any]]:
+    """``(numbers, positions Å, charge or None, name, extra)`` of a Conformation or ase.Atoms.
+
+    ``extra`` holds the metadata a property record carries over: ``smiles``, ``source``,
+    ``equilibrium`` (only what the record actually has).
+    """
+    from .conformation import Conformation
+
+    if isinstance(record, Conformation):
+        extra: dict[str, Any] = {"equilibrium": bool(record.equilibrium)}
+        if record.source:
+            extra["source"] = str(record.source)
+        if record.info.get("smiles"):
+            extra["smiles"] = str(record.info["smiles"])
+        name = record.mol_id or Atoms(numbers=record.z).get_chemical_formula()
+        return np.asarray(record.z), np.asarray(record.pos, dtype=float), int(record.charge), str(name), extra
+    if isinstance(record, Atoms):
+        info = record.info
+        extra = {}
+        for key in ("smiles", "source"):
+            if info.get(key):
+                extra[key] = str(info[key])
+        if "equilibrium" in info:
+            extra["equilibrium"] = bool(info["equilibrium"])
+        charge = info.get("charge")
+        return (
+            record.get_atomic_numbers(),
+            record.get_positions(),
+            None if charge is None else int(charge),
+            _name_of(record),
+            extra,
+        )
+    raise TypeError(f"expected a Conformation or an ase.Atoms, got {type(record).__name__}")
+
+
+@_one_openmp_thread
+def _xtb_properties_raw(
+    numbers: np.ndarray, positions: np.ndarray, charge: int, accuracy: float, name: str
+) -> dict[str, Any]:
+    """The work of :func:`xtb_properties` on plain arrays (picklable inputs for workers)."""
+    from ase.data import chemical_symbols
+
+    numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.shape != (len(numbers), 3) or len(numbers) == 0:
+        raise DataError(
+            f"molecule {name!r}: positions have shape {positions.shape} for {len(numbers)} atoms"
+        )
+    if not np.all(np.isfinite(positions)):
+        raise DataError(f"molecule {name!r}: positions contain NaN or Inf")
+    # All-electron parity decides open/closed shell (core electrons are paired, so the valence
+    # electron count tblite occupies has the same parity).
+    n_all = int(numbers.sum()) - int(charge)
+    if n_all <= 0 or n_all % 2:
+        raise DataError(
+            f"molecule {name!r}: {n_all} electrons (charge {charge}) is an odd-electron / "
+            "open-shell system; only closed-shell molecules get HOMO/LUMO labels"
+        )
+    bad = sorted({int(z) for z in numbers if not 1 <= z <= 86})
+    if bad:
+        symbols = [chemical_symbols[z] if 0 < z < len(chemical_symbols) else z for z in bad]
+        raise DataError(
+            f"molecule {name!r}: elements {symbols} are outside GFN2-xTB's parametrization (H-Rn)"
+        )
+
+    from tblite.interface import Calculator
+
+    # Centre of mass at the origin: the dipole of an ion is then taken about its centre of mass
+    # (for a neutral molecule the dipole does not depend on the origin; energies never do).
+    masses = Atoms(numbers=numbers).get_masses()
+    com = masses @ positions / masses.sum()
+    try:
+        calc = Calculator("GFN2-xTB", numbers, (positions - com) / units.Bohr, float(charge), 0)
+        calc.set("verbosity", 0)
+        calc.set("accuracy", float(accuracy))
+        calc.set("temperature", _ELECTRONIC_TEMPERATURE_K * units.kB / units.Hartree)
+        res = calc.singlepoint()
+        eps = np.asarray(res.get("orbital-energies"), dtype=np.float64)  # Hartree
+        occ = np.asarray(res.get("orbital-occupations"), dtype=np.float64)
+        dip_au = np.asarray(res.get("dipole"), dtype=np.float64).reshape(-1)  # e·Bohr
+        charges = np.asarray(res.get("charges"), dtype=np.float64).reshape(-1)  # e
+        energy_ha = float(res.get("energy"))
+    except RuntimeError as exc:  # SCF not converged, bad input, ...
+        raise DataError(f"molecule {name!r}: GFN2-xTB single point failed: {exc}") from None
+
+    if eps.ndim != 1 or occ.shape != eps.shape:
+        raise DataError(
+            f"molecule {name!r}: unexpected orbital data from tblite (energies {eps.shape}, "
+            f"occupations {occ.shape}); expected one restricted set of orbitals"
+        )
+    n_el = float(occ.sum())
+    n_val = int(round(n_el))
+    if abs(n_el - n_val) > 1e-6 or n_val % 2:
+        raise DataError(
+            f"molecule {name!r}: orbital occupations sum to {n_el:.6f} electrons; not a "
+            "closed-shell molecule"
+        )
+    i_homo = n_val // 2 - 1  # = ceil(N/2) - 1 for even N; orbitals come in ascending energy
+    if i_homo < 0 or i_homo + 1 >= len(eps):
+        raise DataError(
+            f"molecule {name!r}: {n_val} valence electrons in {len(eps)} orbitals leave no "
+            "HOMO/LUMO pair"
+        )
+    if not (occ[i_homo] > 1.5 and occ[i_homo + 1] < 0.5):
+        # Frontier orbitals (near-)degenerate across the Fermi level: the smeared occupations
+        # split an electron pair between them (O2 in a restricted calculation: 1.0 and 1.0).
+        # At 300 K this bound refuses gaps below about 0.06 eV.
+        # The molecule has open-shell character and HOMO/LUMO are not defined.
+        raise DataError(
+            f"molecule {name!r}: frontier orbitals share the electrons (HOMO occupation "
+            f"{occ[i_homo]:.3f}, LUMO occupation {occ[i_homo + 1]:.3f}, orbital energies "
+            f"{eps[i_homo] * units.Hartree:.4f} and {eps[i_homo + 1] * units.Hartree:.4f} eV); "
+            "open-shell character (e.g. a triplet ground state), no closed-shell HOMO/LUMO"
+        )
+    homo = float(eps[i_homo] * units.Hartree)
+    lumo = float(eps[i_homo + 1] * units.Hartree)
+    dipole = dip_au * units.Bohr / units.Debye  # e·Bohr -> e·Å -> Debye
+    out = {
+        "homo": homo,
+        "lumo": lumo,
+        "gap": lumo - homo,
+        "mu": float(np.linalg.norm(dipole)),
+        "dipole": dipole,
+        "energy": energy_ha * units.Hartree,
+        "charges": charges,
+        "n_electrons": n_val,
+    }
+    values = [homo, lumo, out["gap"], out["mu"], out["energy"], *dipole, *charges]
+    if dipole.shape != (3,) or not np.all(np.isfinite(values)):
+        raise DataError(
+            f"molecule {name!r}: GFN2-xTB returned a non-finite or malformed result "
+            f"(HOMO {homo}, LUMO {lumo}, dipole {dipole}, energy {out['energy']})"
+        )
+    return out
+
+
+def xtb_properties(
+    atoms_or_conformation: Any, charge: int | None = None, accuracy: float = 1.0
+) -> dict[str, Any]:
+    """GFN2-xTB (tblite) molecular properties of one closed-shell molecule, from one single point.
+
+    Args:
+        atoms_or_conformation: An :class:`ase.Atoms` or a
+            :class:`~forcecentric.data.conformation.Conformation` (positions in Å).
+        charge: Total charge in e; ``None`` takes the record's own (``Conformation.charge`` or
+            ``atoms.info["charge"]``, else 0).
+        accuracy: tblite accuracy (lower is tighter); 1.0 as for all labels of this module.
+
+    Returns:
+        A dict with ``homo``, ``lumo``, ``gap`` (= ``lumo - homo``) in eV; ``mu`` the dipole
+        magnitude and ``dipole`` the dipole vector (``numpy`` array of 3 floats) in Debye;
+        ``energy`` the total GFN2-xTB energy in eV; ``charges`` the Mulliken-type atomic partial
+        charges in e; ``n_electrons`` the number of valence electrons tblite occupied.
+        HOMO is orbital ``N/2 - 1`` (0-based, ascending energy) for ``N`` valence electrons
+        (the occupations summed, 300 K Fermi smearing as for all labels here), LUMO the next
+        one; HOMO must hold more than 1.5 electrons and LUMO less than 0.5, otherwise the
+        frontier orbitals are (near-)degenerate across the Fermi level (gap below about
+        0.06 eV, e.g. triplet O2 computed closed-shell) and the molecule is refused.
+        The dipole is taken about the centre of mass (this matters for ions only).
+
+    Raises:
+        DataError: an odd-electron / open-shell molecule, an SCF failure, elements outside
+        GFN2-xTB, or any non-finite result; the message names the molecule.
+    """
+    numbers, positions, own_charge, name, _ = _structure_of(atoms_or_conformation)
+    if charge is None:
+        charge = 0 if own_charge is None else own_charge
+    return _xtb_properties_raw(numbers, positions, int(charge), float(accuracy), name)
+
+
+def _properties_task(payload: tuple) -> tuple[dict[str, Any] | None, str | None]:
+    """Worker entry point: never raises, returns (properties, error)."""
+    numbers, positions, charge, accuracy, name = payload
+    try:
+        return _xtb_properties_raw(numbers, positions, charge, accuracy, name), None
+    except Exception as exc:  # noqa: BLE001 - reported to the caller
+        reason = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        return None, reason
+
+
+def label_properties(
+    records: Iterable[Any],
+    workers: int = 2,
+    *,
+    charge: int | None = None,
+    accuracy: float = 1.0,
+    source: str | None = None,
+    equilibrium: bool | None = None,
+    failures: list[tuple[int, str, str]] | None = None,
+    progress: bool = False,
+    chunksize: int = 8,
+) -> list[Atoms]:
+    """GFN2-xTB property records (HOMO, LUMO, gap, dipole) for many molecules, in input order.
+
+    Each record is a :class:`~forcecentric.data.conformation.Conformation` or an
+    :class:`ase.Atoms`; :func:`xtb_properties` runs in ``workers`` ``spawn`` worker processes
+    with one OpenMP thread each (in this process when ``workers <= 1``), so a calling script
+    needs an ``if __name__ == "__main__":`` guard. The geometries are used as they are (meant
+    for minima: the properties are those of the given structure, not re-optimized).
+
+    Args:
+        records: The molecules.
+        workers: Number of worker processes.
+        charge: Total charge for every record; ``None`` takes each record's own (default 0).
+        accuracy: tblite accuracy.
+        source: ``info["source"]`` of every output record; ``None`` keeps each record's source
+            (``"forcecentric-xtb"`` when it has none).
+        equilibrium: ``info["equilibrium"]`` of every output record; ``None`` keeps the flag of
+            records that have one and sets ``True`` otherwise.
+        failures: If a list, molecules that cannot be labelled are skipped and appended as
+            ``(input index, mol_id, reason)``; if ``None`` the first failure (in input order)
+            raises.
+        progress: Show a tqdm progress bar.
+        chunksize: Molecules sent to a worker at a time.
+
+    Returns:
+        New :class:`ase.Atoms` (positions as given) with ``info`` keys ``homo``, ``lumo``,
+        ``gap`` (eV), ``mu`` (Debye), ``dipole_x``, ``dipole_y``, ``dipole_z`` (Debye),
+        ``equilibrium``, ``mol_id``, ``smiles`` (when the record has one), ``source``,
+        ``level_of_theory`` (``"GFN2-xTB"``) and ``charge``, and the total GFN2-xTB energy (eV)
+        on a :class:`~ase.calculators.singlepoint.SinglePointCalculator` (no forces: these
+        are property records). Write them with ``write_extxyz(path, records,
+        require_forces=False)``.
+
+    Raises:
+        DataError: (with ``failures=None``) naming the record index and the molecule.
+    """
+    items = [_structure_of(r) for r in records]
+    payloads = [
+        (z, pos, int(charge if charge is not None else (0 if c is None else c)), float(accuracy), name)
+        for z, pos, c, name, _ in items
+    ]
+    for i, (_, _, _, name, extra) in enumerate(items):  # fail now, not after the labelling
+        strings = (("mol_id", name), ("smiles", extra.get("smiles")), ("source", source or extra.get("source")))
+        for what, value in strings:
+            problem = None if value is None else _extxyz_string_problem(value)
+            if problem:
+                raise DataError(f"molecule {name!r}: {what} {problem}", record=i)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(payloads), unit="mol", desc="xtb properties")
+    results: list[tuple[dict[str, Any] | None, str | None]] = []
+    try:
+        if workers <= 1 or len(payloads) <= 1:
+            for p in payloads:
+                results.append(_properties_task(p))
+                if bar is not None:
+                    bar.update(1)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            try:
+                with cf.ProcessPoolExecutor(
+                    max_workers=min(workers, len(payloads)), mp_context=ctx, initializer=_init_worker
+                ) as pool:
+                    for res in pool.map(_properties_task, payloads, chunksize=max(1, int(chunksize))):
+                        results.append(res)
+                        if bar is not None:
+                            bar.update(1)
+            except cf.process.BrokenProcessPool as exc:
+                raise RuntimeError(
+                    f"a worker process died after {len(results)} of {len(payloads)} molecules "
+                    "(out of memory, or a script without an `if __name__ == \"__main__\":` guard "
+                    "/ read from stdin); rerun with workers=1 to see the error in this process"
+                ) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+
+    out: list[Atoms] = []
+    for i, ((z, pos, _, name, extra), payload, (props, err)) in enumerate(
+        zip(items, payloads, results)
+    ):
+        if err is not None:
+            if failures is None:
+                raise DataError(err if f"molecule {name!r}" in err else f"molecule {name!r}: {err}", record=i)
+            logger.warning("no properties for record %d (%s): %s", i, name, err)
+            failures.append((i, name, err))
+            continue
+        atoms = Atoms(numbers=z, positions=pos)
+        dx, dy, dz = (float(v) for v in props["dipole"])
+        info: dict[str, Any] = {
+            "homo": props["homo"],
+            "lumo": props["lumo"],
+            "gap": props["gap"],
+            "mu": props["mu"],
+            "dipole_x": dx,
+            "dipole_y": dy,
+            "dipole_z": dz,
+            "equilibrium": bool(equilibrium if equilibrium is not None else extra.get("equilibrium", True)),
+            "mol_id": name,
+        }
+        if extra.get("smiles"):
+            info["smiles"] = extra["smiles"]
+        info["source"] = str(source or extra.get("source") or DEFAULT_SOURCE)
+        info["level_of_theory"] = LEVEL_OF_THEORY
+        info["charge"] = int(payload[2])
+        atoms.info = info
+        atoms.calc = SinglePointCalculator(atoms, energy=float(props["energy"]))
+        out.append(atoms)
+    return out
