@@ -24,22 +24,32 @@ FORMAT_VERSION = 1
 
 
 def model_payload(model, **extra: Any) -> dict[str, Any]:
-    """The metadata part of a checkpoint (everything except the weights)."""
+    """The metadata part of a checkpoint (everything except the weights).
+
+    ``model_kind`` is ``"force_field"`` (a ``ForceField``) or ``"property"`` (a
+    ``PropertyModel``, whose ``targets`` are recorded; its priors travel in the weights)."""
+    from .nn.properties import PropertyModel
+
     meta = dict(getattr(model, "metadata", {}) or {})
     meta.update(extra)
-    return {
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
+        "model_kind": "property" if isinstance(model, PropertyModel) else "force_field",
         "model_config": model.config.model_dump(mode="json"),
         "elements": sorted(int(z) for z in getattr(model, "elements", []) or []),
-        "normalization": {
+        "metadata": meta,
+    }
+    if isinstance(model, PropertyModel):
+        payload["targets"] = list(model.targets)
+    else:
+        payload["normalization"] = {
             "energy_scale": float(model.energy_scale),
             "energy_shift": float(model.energy_shift),
             "atomref": {int(z): float(v) for z, v in enumerate(model.atomref.tolist()) if v != 0.0},
-        },
-        "metadata": meta,
-    }
+        }
+    return payload
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -97,13 +107,15 @@ def _check_version(payload: dict[str, Any], path: Path) -> None:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """Load a model checkpoint (or a run's Lightning checkpoint) and return the ``ForceField``.
 
-    The returned model is in eval mode, with ``model.elements`` (atomic numbers it was trained
+    The returned model (a ``ForceField``, or a ``PropertyModel`` for a property checkpoint) is in
+    eval mode, with ``model.elements`` (atomic numbers it was trained
     on) and ``model.metadata`` (training data description, metrics, version) attached. A frozen
     artifact written by ``forcecentric export`` loads as a :class:`~forcecentric.export.FrozenModel`
     (inference only, same call signature).
     """
     from .export import is_exported, load_exported
     from .nn.model import ForceField
+    from .nn.properties import PropertyModel
 
     path = Path(path)
     if is_exported(path):
@@ -123,7 +135,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         cfg = validate(ModelConfig, payload["model_config"], source=f"in checkpoint {str(path)!r}")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    model = ForceField(cfg)
+    kind = payload.get("model_kind", "force_field")
+    if kind == "property":
+        try:
+            model = PropertyModel(cfg, payload["targets"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"property checkpoint {str(path)!r} has bad targets: {exc}") from None
+    elif kind == "force_field":
+        model = ForceField(cfg)
+    else:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a model of unknown kind {kind!r}")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from . import __version__
@@ -53,9 +54,69 @@ def cmd_finetune(args) -> int:
     extra: dict[str, Any] = {"init_from": args.init_from}
     if args.data:
         extra["data.train"] = list(args.data)
-    cfg = _load_cfg(args, "finetune", extra)
+    if args.task == "property":
+        from .properties import check_targets
+
+        if args.target:
+            extra["property.targets"] = check_targets(args.target)
+        if args.config is None:
+            args.config = "property"
+        cfg = _load_cfg(args, "property", extra)
+        check_targets(cfg.property.targets)
+    else:
+        if args.target:
+            raise ForceCentricError("--target is for --task property (molecular properties)")
+        if args.config is None:
+            args.config = "finetune"
+        cfg = _load_cfg(args, "finetune", extra)
     metrics = run(cfg, resume=args.resume)
     _print_summary(metrics)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .checkpoint import load
+    from .data.dataset import property_values
+    from .errors import DataError
+    from .evaluation import check_elements, predict
+    from .nn.properties import TARGETS, PropertyModel
+    from .properties import predict_properties, property_metrics, write_predictions_csv
+    from .train.datamodule import open_source, resolve_path
+
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    path = resolve_path(args.data)
+    ds = open_source(args.data, args.format)
+    records = [ds[i] for i in range(len(ds))]
+    check_elements(model, records, str(path))
+    out = Path(args.out) if args.out else Path(path.stem + "_predictions.csv")
+    summary: dict[str, Any] = {"model": str(args.model), "data": str(path), "n_molecules": len(records),
+                               "predictions": str(out)}
+    if isinstance(model, PropertyModel):
+        names = model.targets
+        pred = predict_properties(model, records, args.batch_size)
+        columns = {n: pred[n] for n in names}
+        units = {n: TARGETS[n].unit for n in names}
+        reference = {}
+        for k, n in enumerate(names):  # references where every record has the property
+            try:
+                reference[n] = property_values(records, [n], file=str(path))[:, 0]
+            except DataError:
+                pass
+        if reference:
+            ref = np.stack([reference.get(n, np.full(len(records), np.nan)) for n in names], axis=1)
+            metrics = property_metrics(ref, pred, names)
+            summary["metrics"] = {n: metrics[n] for n in reference}
+    else:
+        energies, forces = predict(model, records, args.batch_size)
+        columns = {"energy": energies, "max_force": np.array([np.abs(f).max() for f in forces])}
+        units = {"energy": "eV", "max_force": "eV/A"}
+        reference = None
+        if all(r.energy is not None for r in records):
+            reference = {"energy": np.array([r.energy for r in records])}
+            summary["metrics"] = {"energy": {"mae": float(np.abs(energies - reference["energy"]).mean()),
+                                             "unit": "eV"}}
+    write_predictions_csv(out, records, columns, units, reference)
+    print(json.dumps(summary, indent=2, default=float))
     return 0
 
 
@@ -64,15 +125,19 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .train.datamodule import open_source, resolve_path
 
+    from .nn.properties import PropertyModel
+    from .properties import evaluate_properties
+
     model = load(args.model, device=args.device, dtype=args.dtype)
+    score = evaluate_properties if isinstance(model, PropertyModel) else evaluate
     results = {}
     for spec in args.data:
         path = resolve_path(spec)
         ds = open_source(spec, args.format)
         records = [ds[i] for i in range(len(ds))]
         name = path.stem or path.name
-        results[str(path)] = evaluate(model, records, args.out, name=name, file=str(path),
-                                      batch_size=args.batch_size)
+        results[str(path)] = score(model, records, args.out, name=name, file=str(path),
+                                   batch_size=args.batch_size)
     print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2, default=float))
     return 0
 
@@ -270,7 +335,8 @@ def _print_summary(metrics: dict) -> None:
     for split in ("val", "test"):
         if split in metrics:
             keep[split] = {k: v for k, v in metrics[split].items() if k in (
-                "force_mae", "energy_mae", "energy_mae_per_atom", "force_cos", "n_conformations")}
+                "force_mae", "energy_mae", "energy_mae_per_atom", "force_cos", "n_conformations",
+                "n_molecules", "targets")}
     print(json.dumps(keep, indent=2, default=float))
 
 
@@ -286,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common_train(sp, default_cfg: str):
+    def common_train(sp, default_cfg: str | None):
         sp.add_argument("-c", "--config", default=default_cfg,
-                        help=f"YAML config file or preset name (presets: "
+                        help=("" if default_cfg else "default: the task's preset; ") + "YAML config file or preset name (presets: "
                         f"{', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.yaml')))})")
         sp.add_argument("--run-dir", help="run directory (overrides run_dir in the config)")
         sp.add_argument("--resume", action="store_true", help="continue a killed run from run_dir/checkpoints/last.ckpt")
@@ -303,15 +369,39 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp, "pretrain")
     sp.set_defaults(func=cmd_pretrain)
 
-    sp = sub.add_parser("finetune", help="fine-tune energy + forces from a pre-trained checkpoint (or from scratch)",
-                        description="Fine-tune on energies and forces. Per-element reference energies are fitted by "
-                        "least squares on the training energies before training. Without --from the same run "
-                        "starts from random weights.", formatter_class=fmt)
-    common_train(sp, "finetune")
+    sp = sub.add_parser("finetune", help="fine-tune energy + forces, or molecular properties, from a pre-trained "
+                        "checkpoint (or from scratch)",
+                        description="Fine-tune on energies and forces (--task forces, preset 'finetune'): per-element "
+                        "reference energies are fitted by least squares on the training energies before training. "
+                        "Or fine-tune property heads on the pre-trained representation (--task property --target "
+                        "NAME, preset 'property'; 'qm9' has the standard 110,000 / 10,000 / rest split): "
+                        "targets mu, alpha, homo, lumo, gap, r2, zpve, U0, U, H, G, Cv, reported in meV, D, a0^3, "
+                        "a0^2 and cal/(mol K). Without --from the same run starts from random weights.",
+                        formatter_class=fmt)
+    common_train(sp, None)
     sp.add_argument("--from", dest="init_from", default=None, help="pre-trained model checkpoint (default: scratch)")
     sp.add_argument("--data", nargs="+", help="training data: files in any supported format (extxyz, "
-                    "MD17 npz, ...) or store directories; overrides data.train")
+                    "MD17 npz, QM9, ...) or store directories; overrides data.train")
+    sp.add_argument("--task", choices=["forces", "property"], default="forces",
+                    help="forces: energies + forces; property: molecular properties (--target)")
+    sp.add_argument("--target", nargs="+", metavar="NAME",
+                    help="property target(s) for --task property (several: one multi-target model)")
     sp.set_defaults(func=cmd_finetune)
+
+    sp = sub.add_parser("predict", help="a model's predictions for every molecule of a data file, as CSV",
+                        description="Runs a property model (its targets, in their data units: eV, D, a0^3, a0^2, "
+                        "cal/(mol K)) or a force field (energy, largest force component) on every record and "
+                        "writes one CSV row per record; where the data has the reference values, the CSV also "
+                        "holds them and the errors, and the MAE is printed in the report units.",
+                        formatter_class=fmt)
+    sp.add_argument("--model", required=True, help="model checkpoint (model.ckpt or a run's .ckpt)")
+    sp.add_argument("--data", required=True, help="data file (any supported format) or store directory")
+    sp.add_argument("--format", default=None, help="force the file format (default: guess)")
+    sp.add_argument("--out", default=None, help="CSV file (default: DATA_predictions.csv here)")
+    sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("evaluate", help="energy / force errors of a model on a dataset, with a parity plot",
                         description="Energy MAE (per molecule and per atom), force MAE and RMSE, force cosine "

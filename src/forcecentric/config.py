@@ -143,7 +143,10 @@ class DataConfig(_Strict):
     format: str | None = Field(None, description="force a reader format (default: guess)")
     n_train: int | float | None = Field(None, description="count or fraction; None: the rest")
     n_val: int | float = Field(0.1, description="count or fraction taken from train when val empty")
-    n_test: int | float = Field(0, description="count or fraction taken from train when test empty")
+    n_test: int | float | None = Field(
+        0, description="count or fraction taken from train when test empty; None: the rest after n_train and "
+        "n_val (e.g. the standard QM9 split 110,000 / 10,000 / rest)"
+    )
     split_by_molecule: bool = Field(False, description="keep each molecule in one split only")
     source_weights: dict[str, float] | None = Field(
         None, description="relative sampling weight per source name (None: uniform over conformations)"
@@ -188,10 +191,22 @@ class TrainerConfig(_Strict):
     progress_bar: bool = True
 
 
-class RunConfig(_Strict):
-    """A whole pre-training or fine-tuning run."""
+class PropertyConfig(_Strict):
+    """Molecular property prediction (``task: property``): which targets and how they are fitted."""
 
-    task: Literal["pretrain", "finetune"] = "pretrain"
+    targets: list[str] = Field(
+        default_factory=list,
+        description="QM9-style targets read from each record's properties: mu, alpha, homo, lumo, gap, r2, "
+        "zpve, U0, U, H, G, Cv (several: multi-target training)",
+    )
+    loss: Literal["mse", "l1"] = Field("mse", description="per-target error, each divided by the target's spread")
+    weights: dict[str, float] | None = Field(None, description="loss weight per target (default 1 each)")
+
+
+class RunConfig(_Strict):
+    """A whole pre-training, fine-tuning or property-prediction run."""
+
+    task: Literal["pretrain", "finetune", "property"] = "pretrain"
     seed: int = 0
     run_dir: str = Field("runs/run", description="where config, metrics, plots, checkpoints go")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -199,6 +214,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    property: PropertyConfig = Field(default_factory=PropertyConfig)
     init_from: str | None = Field(
         None, description="checkpoint whose weights initialise the model (fine-tuning)"
     )

@@ -23,6 +23,17 @@ def _write_png(fig, path: Path) -> Path:
     return path
 
 
+def _mae_unit(key: str) -> str:
+    """Unit of a logged ``stage/NAME_mae`` column: eV/A for forces, eV for energies, the report
+    unit for property targets (``val/gap_mae`` is in meV)."""
+    from .nn.properties import TARGETS
+
+    name = key.split("/")[-1][: -len("_mae")]
+    if name in TARGETS:
+        return TARGETS[name].report_unit
+    return "eV/A" if "force" in name else "eV"
+
+
 def learning_curve(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
     """Plot the per-epoch train / val loss terms and MAEs logged by Lightning's CSV logger."""
     metrics_csv = Path(metrics_csv)
@@ -60,7 +71,7 @@ def learning_curve(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
     axes[0].set_title("loss terms")
     for key in mae_keys:
         xs, ys = zip(*series[key])
-        axes[1].plot(xs, ys, marker=".", label=key + (" (eV/A)" if "force" in key else " (eV)"))
+        axes[1].plot(xs, ys, marker=".", label=f"{key} ({_mae_unit(key)})")
     axes[1].set_yscale("log")
     axes[1].set_xlabel("epoch")
     axes[1].set_title("validation MAE")
@@ -69,7 +80,8 @@ def learning_curve(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
     return _write_png(fig, Path(out_png))
 
 
-def _parity_panel(ax, ref: np.ndarray, pred: np.ndarray, what: str, name: str, unit: str, size: float) -> None:
+def _parity_panel(ax, ref: np.ndarray, pred: np.ndarray, what: str, name: str, unit: str, size: float,
+                  factor: float = 1000.0) -> None:
     ax.scatter(ref, pred, s=size, alpha=0.4)
     lim = [float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))]
     ax.plot(lim, lim, "k--", lw=0.8)
@@ -78,7 +90,7 @@ def _parity_panel(ax, ref: np.ndarray, pred: np.ndarray, what: str, name: str, u
         ax.set_ylim(lim)
     ax.set_xlabel(f"reference {what}")
     ax.set_ylabel("predicted")
-    ax.set_title(f"{name}  MAE {1000 * float(np.abs(ref - pred).mean()):.1f} {unit}")
+    ax.set_title(f"{name}  MAE {factor * float(np.abs(ref - pred).mean()):.3g} {unit}")
 
 
 def parity(
@@ -100,6 +112,31 @@ def parity(
         _parity_panel(axes[1], ref_e - mean, pred_e - mean, f"energy - ({mean:.2f} eV)", "energy", "meV", 6)
     if title:
         fig.suptitle(title)
+    return _write_png(fig, Path(out_png))
+
+
+def property_parity(
+    ref: dict[str, np.ndarray],
+    pred: dict[str, np.ndarray],
+    units: dict[str, tuple[str, str, float]],
+    out_png: str | Path,
+    title: str = "",
+) -> Path:
+    """One predicted-vs-reference panel per property; ``units[name] = (data unit, report unit,
+    factor)`` labels the axes in the data unit and the MAE in the report unit."""
+    names = list(ref)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        unit, report_unit, factor = units[name]
+        _parity_panel(ax, np.asarray(ref[name], float), np.asarray(pred[name], float), f"{name} ({unit})",
+                      name, report_unit, 8, factor)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return _write_png(fig, Path(out_png))
 
 

@@ -142,3 +142,55 @@ class ConformationDataset(torch.utils.data.Dataset):
             "elements": self.elements(),
             "levels_of_theory": sorted({r.level_of_theory for r in self.records if r.level_of_theory}),
         }
+
+
+def property_values(
+    records: Sequence[Conformation], names: Sequence[str], file: str | None = None
+) -> np.ndarray:
+    """The molecular properties ``names`` of ``records`` (from ``Conformation.info``) as a float64
+    array ``[len(records), len(names)]``.
+
+    Raises :class:`DataError` naming the records that lack a property (or hold a non-numeric or
+    non-finite value) and the properties the records do have.
+    """
+    out = np.full((len(records), len(names)), np.nan)
+    missing: dict[str, list[int]] = {}
+    bad: list[str] = []
+    for i, r in enumerate(records):
+        for k, name in enumerate(names):
+            value = r.info.get(name)
+            if value is None:
+                missing.setdefault(name, []).append(i)
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                bad.append(f"record {i}: {name}={value!r} is not a number")
+                continue
+            if not np.isfinite(value):
+                bad.append(f"record {i}: {name} is {value}")
+            out[i, k] = value
+    if missing or bad:
+        where = f"file {file!r}: " if file else ""
+        lines = []
+        for name, idx in missing.items():
+            shown = ", ".join(str(i) for i in idx[:10]) + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
+            lines.append(f"{len(idx)} of {len(records)} records lack the property {name!r} (records {shown})")
+        lines.extend(bad[:10])
+        if missing:
+            first = records[next(iter(missing.values()))[0]]
+            have = sorted(k for k, v in first.info.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            lines.append(f"numeric properties such a record has: {have or 'none'}")
+        raise DataError(where + "; ".join(lines))
+    return out
+
+
+class PropertyCollate:
+    """Collate function for property training: ``(Batch, y [B, T])`` with the properties
+    ``names`` of each record (float64), checked to be present and finite."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+
+    def __call__(self, records: Sequence[Conformation]) -> tuple[Batch, torch.Tensor]:
+        return collate(records), torch.from_numpy(property_values(records, self.names))

@@ -6,6 +6,9 @@
   (as TorchMD-Net's ``EquivariantVectorOutput``); used by the optional denoising head and for
   vector properties (e.g. dipoles).
 * :class:`ScalarHead` - a plain MLP on the invariant scalars for per-atom properties.
+* :class:`ScalarVectorHead` - an invariant scalar and an equivariant vector per atom from one
+  stack of gated blocks: atomic charges and atomic dipoles for the molecular dipole, isotropic
+  and anisotropic atomic polarizabilities (see :mod:`forcecentric.nn.properties`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import Tensor, nn
 
 from .et import activation
 
-__all__ = ["GatedEquivariantBlock", "EnergyHead", "VectorHead", "ScalarHead"]
+__all__ = ["GatedEquivariantBlock", "EnergyHead", "VectorHead", "ScalarHead", "ScalarVectorHead"]
 
 def _vector_norm(v: Tensor) -> Tensor:
     """Norm over the spatial axis 1 of ``[N, 3, C]``.
@@ -124,6 +127,27 @@ class VectorHead(nn.Module):
         x, vec = self.block1(x, vec)
         _, vec = self.block2(x, vec)
         return vec.squeeze(-1)
+
+
+class ScalarVectorHead(nn.Module):
+    """Per-atom invariant scalar ``[N]`` and equivariant vector ``[N, 3]`` from ``(x, vec)``."""
+
+    def __init__(self, hidden_channels: int, activation_name: str = "silu") -> None:
+        super().__init__()
+        mid = max(hidden_channels // 2, 1)
+        self.block1 = GatedEquivariantBlock(
+            hidden_channels, mid, activation_name=activation_name, scalar_activation=True
+        )
+        self.block2 = GatedEquivariantBlock(mid, 1, activation_name=activation_name)
+
+    def reset_parameters(self) -> None:
+        self.block1.reset_parameters()
+        self.block2.reset_parameters()
+
+    def forward(self, x: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
+        x, vec = self.block1(x, vec)
+        x, vec = self.block2(x, vec)
+        return x.squeeze(-1), vec.squeeze(-1)
 
 
 class ScalarHead(nn.Module):

@@ -11,9 +11,9 @@ import torch
 from ..config import DataConfig
 from ..data import read_all
 from ..data.conformation import Conformation
-from ..data.dataset import ConformationDataset, collate
+from ..data.dataset import ConformationDataset, PropertyCollate, collate, property_values
 from ..data.splits import molecule_split, random_split
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -150,10 +150,13 @@ class ForceFieldDataModule(pl.LightningDataModule):
     test are drawn first, so they do not change with ``n_train``.
     """
 
-    def __init__(self, config: DataConfig, seed: int = 0):
+    def __init__(self, config: DataConfig, seed: int = 0, properties: list[str] | None = None):
         super().__init__()
         self.config = config
         self.seed = seed
+        #: molecular properties every record must carry (property task): batches are (Batch, y)
+        self.properties = list(properties) if properties else None
+        self.collate_fn = PropertyCollate(self.properties) if self.properties else collate
         self.train_set = None
         self.val_set = None
         self.test_set = None
@@ -166,11 +169,18 @@ class ForceFieldDataModule(pl.LightningDataModule):
         if not c.train:
             raise DataError("data.train lists no files: nothing to train on")
         parts = [open_source(s, c.format, c.max_force) for s in c.train]
+        val_parts = [open_source(s, c.format, c.max_force) for s in c.val]
+        test_parts = [open_source(s, c.format, c.max_force) for s in c.test]
+        if self.properties:
+            for spec, ds in zip(c.train + c.val + c.test, parts + val_parts + test_parts):
+                self._check_properties(spec, ds)
         pool = _concat(parts)
-        val = _concat([open_source(s, c.format, c.max_force) for s in c.val]) if c.val else None
-        test = _concat([open_source(s, c.format, c.max_force) for s in c.test]) if c.test else None
+        val = _concat(val_parts) if c.val else None
+        test = _concat(test_parts) if c.test else None
+        if test is None and c.n_test is None and c.n_train is None:
+            raise ConfigError("data.n_test: null (the rest) needs data.n_train (a count or fraction)")
         sizes = [0 if val is not None else c.n_val, 0 if test is not None else c.n_test, c.n_train]
-        if c.n_train is not None:
+        if c.n_train is not None and sizes[1] is not None:
             sizes.append(None)
         if c.split_by_molecule:
             split = molecule_split(_mol_ids(parts), sizes, self.seed)
@@ -192,6 +202,12 @@ class ForceFieldDataModule(pl.LightningDataModule):
         if len(self.val_set) == 0:
             raise DataError(f"the validation split of {c.train} is empty (set data.n_val or data.val)")
 
+    def _check_properties(self, spec: str, ds) -> None:
+        """Every record of a property data file carries every target (else a DataError naming
+        the file, the records and the properties they do have)."""
+        records = ds.records if isinstance(ds, ConformationDataset) else sample_records(ds, 1000)
+        property_values(records, self.properties, file=str(resolve_path(spec)))
+
     def _loader(self, ds, shuffle: bool, batch_size: int) -> torch.utils.data.DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
         sampler = None
@@ -201,7 +217,7 @@ class ForceFieldDataModule(pl.LightningDataModule):
             sampler = WeightedSourceSampler(_sources(ds), self.config.source_weights, len(ds), self.seed)
             shuffle = False
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
+            ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=self.collate_fn,
             num_workers=self.config.num_workers, generator=gen,
             persistent_workers=self.config.num_workers > 0,
         )

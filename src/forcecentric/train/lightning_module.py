@@ -1,4 +1,6 @@
-"""Lightning module: the force-centric objective around a plain ``ForceField``."""
+"""Lightning modules: the force-centric objective around a plain ``ForceField``, and the
+property-prediction objective around a ``PropertyModel``; both share the optimizer, the
+learning-rate schedule with warm-up and the checkpoint metadata."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from ..config import RunConfig
 from ..data.dataset import Batch
 from ..errors import TrainingDivergedError
 from ..nn.model import ForceField
+from ..nn.properties import TARGETS, PropertyModel
 from ..objectives import make_views, total_loss
 
 
@@ -26,24 +29,16 @@ def cosine_factor(step: int, total: int, warmup: int, floor: float, time_used: f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-class ForceFieldModule(pl.LightningModule):
-    """Trains a :class:`ForceField` with force matching, zero-force regularization, denoising
-    and (optionally) an energy term. Validation reports each loss term plus force and energy MAE.
-    """
+class _TrainingModule(pl.LightningModule):
+    """Optimizer, schedule, warm-up and checkpoint metadata shared by the training tasks."""
 
-    def __init__(self, config: RunConfig, model: ForceField | None = None):
+    def __init__(self, config: RunConfig, model: torch.nn.Module):
         super().__init__()
         self.config = config
-        self.model = model if model is not None else ForceField(config.model)
+        self.model = model
         self.save_hyperparameters({"config": config.model_dump(mode="json")})
 
-    # ------------------------------------------------------------------ steps
-    def _step(self, batch: Batch, stage: str, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        batch = batch.to(dtype=self.dtype) if batch.pos.dtype != self.dtype else batch
-        views = make_views(batch, self.config.loss, generator)
-        b = views.batch
-        out = self.model(b.z, b.pos, b.batch, b.n_graphs, compute_forces=True, create_graph=stage == "train")
-        terms = total_loss(out, views, self.config.loss)
+    def _check_finite(self, terms: dict[str, torch.Tensor], stage: str) -> None:
         if not torch.isfinite(terms["loss"]):
             bad = {k: float(v.detach()) for k, v in terms.items()}
             raise TrainingDivergedError(
@@ -51,36 +46,6 @@ class ForceFieldModule(pl.LightningModule):
                 f"{self.global_step}: {bad}. No checkpoint was written for this state; lower "
                 "optim.lr, enable optim.gradient_clip, or check the data for outliers."
             )
-        n = batch.n_graphs
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value.detach(), batch_size=n, prog_bar=name == "loss",
-                     on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
-        if stage != "train":
-            self._log_mae(out, views, stage, n)
-        return terms
-
-    def _log_mae(self, out, views, stage: str, n: int) -> None:
-        b = views.batch
-        fa = views.force_atoms
-        if bool(fa.any()):
-            mae = (out["forces"][fa] - b.forces[fa]).abs().mean()
-            self.log(f"{stage}/force_mae", mae, batch_size=int(fa.sum()), sync_dist=True)
-        if self.config.loss.energy <= 0:  # energies not trained (pre-training): their MAE means nothing
-            return
-        eg = b.has_energy & ~b.equilibrium
-        eg = eg & (torch.arange(b.n_graphs, device=eg.device) < n)
-        if bool(eg.any()):
-            err = (out["energy"][eg].double() - b.energy[eg].double()).abs()
-            self.log(f"{stage}/energy_mae", err.mean(), batch_size=int(eg.sum()), sync_dist=True)
-
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")["loss"]
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        # the same noise on every validation pass, so val/denoise is comparable across epochs
-        gen = torch.Generator(device=batch.pos.device).manual_seed(self.config.seed + batch_idx)
-        with torch.enable_grad():
-            self._step(batch, "val", gen)
 
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
@@ -127,3 +92,91 @@ class ForceFieldModule(pl.LightningModule):
         from ..checkpoint import model_payload
 
         checkpoint["forcecentric"] = model_payload(self.model, task=self.config.task)
+
+
+class ForceFieldModule(_TrainingModule):
+    """Trains a :class:`ForceField` with force matching, zero-force regularization, denoising
+    and (optionally) an energy term. Validation reports each loss term plus force and energy MAE.
+    """
+
+    def __init__(self, config: RunConfig, model: ForceField | None = None):
+        super().__init__(config, model if model is not None else ForceField(config.model))
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: Batch, stage: str, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        batch = batch.to(dtype=self.dtype) if batch.pos.dtype != self.dtype else batch
+        views = make_views(batch, self.config.loss, generator)
+        b = views.batch
+        out = self.model(b.z, b.pos, b.batch, b.n_graphs, compute_forces=True, create_graph=stage == "train")
+        terms = total_loss(out, views, self.config.loss)
+        self._check_finite(terms, stage)
+        n = batch.n_graphs
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value.detach(), batch_size=n, prog_bar=name == "loss",
+                     on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+        if stage != "train":
+            self._log_mae(out, views, stage, n)
+        return terms
+
+    def _log_mae(self, out, views, stage: str, n: int) -> None:
+        b = views.batch
+        fa = views.force_atoms
+        if bool(fa.any()):
+            mae = (out["forces"][fa] - b.forces[fa]).abs().mean()
+            self.log(f"{stage}/force_mae", mae, batch_size=int(fa.sum()), sync_dist=True)
+        if self.config.loss.energy <= 0:  # energies not trained (pre-training): their MAE means nothing
+            return
+        eg = b.has_energy & ~b.equilibrium
+        eg = eg & (torch.arange(b.n_graphs, device=eg.device) < n)
+        if bool(eg.any()):
+            err = (out["energy"][eg].double() - b.energy[eg].double()).abs()
+            self.log(f"{stage}/energy_mae", err.mean(), batch_size=int(eg.sum()), sync_dist=True)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        # the same noise on every validation pass, so val/denoise is comparable across epochs
+        gen = torch.Generator(device=batch.pos.device).manual_seed(self.config.seed + batch_idx)
+        with torch.enable_grad():
+            self._step(batch, "val", gen)
+
+
+class PropertyModule(_TrainingModule):
+    """Trains a :class:`PropertyModel` on molecular properties: per target the squared (or
+    absolute) error divided by the target's spread on the training set, weighted and summed.
+    Logs each target's loss and its MAE in the report unit (``val/gap_mae`` in meV, ...)."""
+
+    def __init__(self, config: RunConfig, model: PropertyModel):
+        super().__init__(config, model)
+        names = model.targets
+        weights = config.property.weights or {}
+        self.register_buffer("weights", torch.tensor([float(weights.get(n, 1.0)) for n in names]), persistent=False)
+
+    def _step(self, batch: tuple[Batch, torch.Tensor], stage: str) -> torch.Tensor:
+        b, y = batch
+        b = b.to(dtype=self.dtype) if b.pos.dtype != self.dtype else b
+        out = self.model(b.z, b.pos, b.batch, b.n_graphs, charge=b.charge)
+        names = self.model.targets
+        pred = torch.stack([out[n] for n in names], dim=1)
+        y = y.to(pred.dtype)
+        err = (pred - y) / self.model.target_std.to(pred.dtype)
+        per_target = err.abs().mean(0) if self.config.property.loss == "l1" else (err * err).mean(0)
+        loss = (per_target * self.weights.to(per_target.dtype)).sum()
+        terms = {"loss": loss}
+        self._check_finite(terms, stage)
+        n = b.n_graphs
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss.detach(), batch_size=n, prog_bar=True, on_step=train, on_epoch=True,
+                 sync_dist=not train)
+        if not train:
+            for k, name in enumerate(names):
+                mae = (pred[:, k] - y[:, k]).abs().mean() * TARGETS[name].report_factor
+                self.log(f"{stage}/{name}_mae", mae, batch_size=n, sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")

@@ -26,7 +26,7 @@ from ..evaluation import check_elements, evaluate, fit_atomrefs, write_json
 from ..nn.model import ForceField
 from .callbacks import AtomicCheckpointIO, LearningCurvePlot, RunDirCSVLogger
 from .datamodule import ForceFieldDataModule, dataset_elements, force_rms, sample_records
-from .lightning_module import ForceFieldModule
+from .lightning_module import ForceFieldModule, PropertyModule
 
 log = logging.getLogger("forcecentric")
 
@@ -40,15 +40,8 @@ def _init_model(cfg: RunConfig, dm: ForceFieldDataModule) -> ForceField:
         model = ForceField(cfg.model)
         src = base.state_dict()
         dst = model.state_dict()
-        if base.config.model_dump() != cfg.model.model_dump():
-            # the representation must match; heads that differ (e.g. a new denoise head) start fresh
-            mismatch = {k for k in ("hidden_channels", "num_layers", "num_heads", "num_rbf", "cutoff", "max_z")
-                        if getattr(base.config, k) != getattr(cfg.model, k)}
-            if mismatch:
-                raise ConfigError(
-                    f"model config differs from the checkpoint {cfg.init_from!r} in {sorted(mismatch)}: "
-                    f"checkpoint has {base.config.model_dump()}"
-                )
+        # the representation must match; heads that differ (e.g. a new denoise head) start fresh
+        _check_representation(base, cfg, cfg.init_from)
         loaded = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
         dst.update(loaded)
         model.load_state_dict(dst)
@@ -71,6 +64,53 @@ def _init_model(cfg: RunConfig, dm: ForceFieldDataModule) -> ForceField:
             new[z] += v
         model.set_normalization(atomref=new)
         log.info("fitted reference energies (eV): %s", refs)
+    return model
+
+
+_REPRESENTATION_KEYS = ("hidden_channels", "num_layers", "num_heads", "num_rbf", "cutoff", "max_z",
+                        "neighbor_embedding", "vector_cutoff", "activation", "attn_activation")
+
+
+def _check_representation(base, cfg: RunConfig, path: str) -> None:
+    """The checkpoint's representation hyper-parameters equal the run's (else ConfigError)."""
+    mismatch = {k for k in _REPRESENTATION_KEYS if getattr(base.config, k) != getattr(cfg.model, k)}
+    if mismatch:
+        raise ConfigError(
+            f"model config differs from the checkpoint {path!r} in {sorted(mismatch)}: "
+            f"checkpoint has {base.config.model_dump()}"
+        )
+
+
+def _load_representation(model, path: str, cfg: RunConfig) -> int:
+    """Copy the ET representation weights of the checkpoint ``path`` into ``model``; heads start
+    fresh. Returns the number of tensors copied."""
+    base = load(path)
+    _check_representation(base, cfg, path)
+    src = {k: v for k, v in base.state_dict().items() if k.startswith("representation.")}
+    missing, unexpected = model.load_state_dict(src, strict=False)
+    if unexpected or any(k.startswith("representation.") for k in missing):
+        raise ConfigError(f"the representation in {path!r} does not fit the model: {unexpected or missing}")
+    model.elements = sorted(set(base.elements))
+    model.metadata = {"pretrained_from": str(path), "pretraining_data": base.metadata.get("data")}
+    return len(src)
+
+
+def _init_property_model(cfg: RunConfig, dm: ForceFieldDataModule):
+    """A PropertyModel for ``cfg.property.targets``: the representation from ``cfg.init_from``
+    (or fresh), new heads, priors fitted on the training targets."""
+    from ..nn.properties import PropertyModel
+    from ..properties import fit_priors
+
+    torch.manual_seed(cfg.seed)
+    model = PropertyModel(cfg.model, cfg.property.targets)
+    model.elements, model.metadata = [], {}
+    if cfg.init_from:
+        n = _load_representation(model, cfg.init_from, cfg)
+        log.info("initialised %d representation tensors from %s", n, cfg.init_from)
+    model.elements = sorted(set(model.elements) | set(dataset_elements(dm.train_set)))
+    fitted = fit_priors(model, sample_records(dm.train_set, 100_000, cfg.seed))
+    model.metadata["priors"] = fitted
+    log.info("fitted property priors: %s", fitted)
     return model
 
 
@@ -141,11 +181,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=f".*{msg}")
     t0 = time.time()
 
-    dm = ForceFieldDataModule(cfg.data, seed=cfg.seed)
+    property_task = cfg.task == "property"
+    if property_task:
+        from ..properties import check_targets, evaluate_properties
+
+        check_targets(cfg.property.targets)
+    dm = ForceFieldDataModule(cfg.data, seed=cfg.seed, properties=cfg.property.targets if property_task else None)
     dm.setup("fit")
-    model = _init_model(cfg, dm)
+    model = _init_property_model(cfg, dm) if property_task else _init_model(cfg, dm)
     model.metadata["data"] = dm.describe()
-    module = ForceFieldModule(cfg, model)
+    module = PropertyModule(cfg, model) if property_task else ForceFieldModule(cfg, model)
     trainer = _trainer(cfg, run_dir)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
 
@@ -166,11 +211,15 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "package_version": __version__,
         "train_size": len(dm.train_set),
     }
-    metrics["val"] = evaluate(final, sample_records(dm.val_set, 20_000), run_dir, name="val")
+    if property_task:
+        metrics["targets"] = list(cfg.property.targets)
+        metrics["init_from"] = cfg.init_from
+    score = evaluate_properties if property_task else evaluate
+    metrics["val"] = score(final, sample_records(dm.val_set, 20_000), run_dir, name="val")
     if len(dm.test_set):
-        test_records = sample_records(dm.test_set, 20_000)
+        test_records = sample_records(dm.test_set, 100_000 if property_task else 20_000)
         check_elements(final, test_records)
-        metrics["test"] = evaluate(final, test_records, run_dir, name="test")
+        metrics["test"] = score(final, test_records, run_dir, name="test")
     final.metadata["metrics"] = {k: metrics[k] for k in ("val", "test") if k in metrics}
     save_model(final, run_dir / "model.ckpt", task=cfg.task, seed=cfg.seed)
     write_json(metrics, run_dir / "metrics.json")
