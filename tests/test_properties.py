@@ -297,3 +297,22 @@ def test_real_qm9_records_carry_every_target():
     homo, lumo = y[:, QM9_TARGETS.index("homo")], y[:, QM9_TARGETS.index("lumo")]
     np.testing.assert_allclose(gap, lumo - homo, atol=1.01e-4 * units.Hartree)  # released to 1e-4 Hartree
     assert 0 <= y[:, 0].min() and y[:, 0].max() < 10 and math.isclose(gap.mean(), 9.0, abs_tol=2.0)
+
+
+def test_cli_label_properties(tmp_path, capsys):
+    import ase.io
+    from ase.build import molecule
+
+    src = tmp_path / "mols.extxyz"
+    ase.io.write(src, [molecule("H2O"), molecule("CH3OH"), molecule("CH3")], format="extxyz")
+    out = tmp_path / "props.extxyz"
+    assert main(["label-properties", str(src), "--out", str(out), "--workers", "1"]) == 2
+    assert "record 2" in capsys.readouterr().err and not out.exists()  # the CH3 radical: nothing written
+    assert main(["label-properties", str(src), "--out", str(out), "--workers", "1", "--skip-failures",
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["labelled"], summary["failed"]) == (2, 1)
+    recs = read_all(out)
+    assert recs[0].info["mu"] == pytest.approx(2.29, abs=0.05)  # water, GFN2-xTB
+    y = property_values(recs, ["homo", "lumo", "gap"])
+    np.testing.assert_allclose(y[:, 2], y[:, 1] - y[:, 0], rtol=1e-9)

@@ -97,7 +97,7 @@ def cmd_predict(args) -> int:
         columns = {n: pred[n] for n in names}
         units = {n: TARGETS[n].unit for n in names}
         reference = {}
-        for k, n in enumerate(names):  # references where every record has the property
+        for n in names:  # references where every record has the property
             try:
                 reference[n] = property_values(records, [n], file=str(path))[:, 0]
             except DataError:
@@ -139,6 +139,29 @@ def cmd_evaluate(args) -> int:
         results[str(path)] = score(model, records, args.out, name=name, file=str(path),
                                    batch_size=args.batch_size)
     print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2, default=float))
+    return 0
+
+
+def cmd_label_properties(args) -> int:
+    from .data.label import label_properties, write_extxyz
+    from .train.datamodule import open_source
+
+    records = []
+    for spec in args.data:
+        ds = open_source(spec, args.format)
+        records.extend(ds[i] for i in range(len(ds)))
+    if not records:
+        raise ForceCentricError(f"no structures in {args.data}")
+    failures: list[tuple[int, str, str]] | None = [] if args.skip_failures else None
+    t0 = time.time()
+    labelled = label_properties(records, workers=args.workers, failures=failures, progress=not args.no_progress)
+    path = write_extxyz(args.out, labelled, require_forces=False)
+    summary = {"out": str(path), "labelled": len(labelled), "failed": len(failures or []),
+               "wall_time_s": round(time.time() - t0, 1),
+               "properties": {"homo": "eV", "lumo": "eV", "gap": "eV", "mu": "D", "dipole_x/y/z": "D"}}
+    if failures:
+        summary["failures"] = [{"record": i, "mol_id": m, "reason": r} for i, m, r in failures]
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -438,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_label)
+
+    sp = sub.add_parser("label-properties", help="GFN2-xTB HOMO, LUMO, gap and dipole of given structures (property data)",
+                        description="A GFN2-xTB single point (tblite) of every structure as given (meant for minima, "
+                        "e.g. the equilibrium records of 'forcecentric label'): HOMO, LUMO and gap in eV, the dipole "
+                        "moment and its components in Debye. Writes an extended-XYZ file that "
+                        "'forcecentric finetune --task property' reads. Odd-electron molecules are refused.",
+                        formatter_class=fmt)
+    sp.add_argument("data", nargs="+", help="structure files (any supported format) or store directories")
+    sp.add_argument("--out", required=True, help="extended-XYZ file to write (atomically)")
+    sp.add_argument("--format", default=None, help="force the input format (default: guess)")
+    sp.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
+    sp.add_argument("--skip-failures", action="store_true",
+                    help="leave out molecules xTB cannot label (listed in the output) instead of stopping")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_label_properties)
 
     sp = sub.add_parser("build-data", help="validate, deduplicate and pack data files into a sharded HDF5 store",
                         description="Reads every input (MD17/rMD17/MD22 npz, ANI-1x / SPICE HDF5, PCQM4Mv2 / QM9, "

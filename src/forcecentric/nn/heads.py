@@ -108,27 +108,6 @@ class EnergyHead(nn.Module):
         return x.squeeze(-1)
 
 
-class VectorHead(nn.Module):
-    """Equivariant per-atom vector ``[N, 3]`` from ``(x, vec)``."""
-
-    def __init__(self, hidden_channels: int, activation_name: str = "silu") -> None:
-        super().__init__()
-        mid = max(hidden_channels // 2, 1)
-        self.block1 = GatedEquivariantBlock(
-            hidden_channels, mid, activation_name=activation_name, scalar_activation=True
-        )
-        self.block2 = GatedEquivariantBlock(mid, 1, activation_name=activation_name)
-
-    def reset_parameters(self) -> None:
-        self.block1.reset_parameters()
-        self.block2.reset_parameters()
-
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        x, vec = self.block1(x, vec)
-        _, vec = self.block2(x, vec)
-        return vec.squeeze(-1)
-
-
 class ScalarVectorHead(nn.Module):
     """Per-atom invariant scalar ``[N]`` and equivariant vector ``[N, 3]`` from ``(x, vec)``."""
 
@@ -148,6 +127,16 @@ class ScalarVectorHead(nn.Module):
         x, vec = self.block1(x, vec)
         x, vec = self.block2(x, vec)
         return x.squeeze(-1), vec.squeeze(-1)
+
+
+class VectorHead(ScalarVectorHead):
+    """Equivariant per-atom vector ``[N, 3]`` from ``(x, vec)`` (the vector of :class:`ScalarVectorHead`)."""
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:  # type: ignore[override]
+        # written out: TorchScript (export) does not script super() calls
+        x, vec = self.block1(x, vec)
+        _, vec = self.block2(x, vec)
+        return vec.squeeze(-1)
 
 
 class ScalarHead(nn.Module):
