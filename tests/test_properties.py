@@ -265,6 +265,8 @@ def test_cli_finetune_and_predict(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="molecular-property model"):
         forcecentric.Calculator(tmp_path / "cli" / "model.ckpt")
+    assert main(["export", "--model", str(tmp_path / "cli" / "model.ckpt"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "molecular-property model" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
 
 
 def test_cli_property_errors(tmp_path, capsys):

@@ -41,3 +41,8 @@ class ElementError(ForceCentricError, ValueError):
 
 class TrainingDivergedError(ForceCentricError, RuntimeError):
     """A loss or a prediction became NaN/Inf during training."""
+
+
+class ModelKindError(ForceCentricError, ValueError):
+    """A checkpoint holds another kind of model than asked for (a property model where a force
+    field is needed, or the reverse)."""

@@ -79,10 +79,11 @@ def export(model, out: str | Path, dtype: str | torch.dtype = "float32") -> Path
         model = load(model)
     if isinstance(model, FrozenModel):
         raise CheckpointError(f"{source!r} is already an exported artifact: export its training checkpoint")
+    from .errors import ModelKindError
     from .nn.properties import PropertyModel
 
     if isinstance(model, PropertyModel):
-        raise CheckpointError(f"{source!r} is a molecular-property model; export writes force fields only")
+        raise ModelKindError(f"{source!r} is a molecular-property model; export writes force fields only")
     dt = resolve_dtype(dtype)
     # script an eager copy; a compiled energy (compile_inference) stays on the caller's model
     compiled = model.__dict__.pop("_atom_energy", None)

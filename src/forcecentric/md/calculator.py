@@ -49,10 +49,11 @@ class Calculator(_AseCalculator):
             model = load(model)
         else:
             self.source = type(model).__name__
+        from ..errors import ModelKindError
         from ..nn.properties import PropertyModel
 
         if isinstance(model, PropertyModel):
-            raise ValueError(f"{self.source!r} is a molecular-property model (targets {model.targets}); "
+            raise ModelKindError(f"{self.source!r} is a molecular-property model (targets {model.targets}); "
                              "the calculator needs a force field (a pre-training or energy + force fine-tuning)")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if compile:
