@@ -12,7 +12,8 @@ N = 100 and 500 training molecules; the F = 64, 3-layer ET of the pre-training s
     python benchmarks/property_study.py --report        # tables and figure from what has run
 
 Writes ``benchmarks/results/property_study.json`` (every cell, the machine and versions),
-``benchmarks/results/property_study.md`` and ``docs/figures/property_study.png``.
+``benchmarks/results/property_study.md`` and ``docs/figures/property_study.png`` (with ``--tag T``:
+``property_study_T.*``, e.g. for another learning rate in another ``--out``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,24 @@ def collect(args) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def mean_baseline(args, target: str, n_train: int, seed: int) -> float:
+    """Test MAE (report unit) of predicting the training set's mean, on the same split as the runs."""
+    import numpy as np
+
+    from forcecentric.config import DataConfig
+    from forcecentric.data.dataset import property_values
+    from forcecentric.nn.properties import TARGETS
+    from forcecentric.train.datamodule import ForceFieldDataModule
+
+    dm = ForceFieldDataModule(DataConfig(train=[args.data], n_train=n_train, n_val=args.n_val, n_test=args.n_test),
+                              seed=seed, properties=[target])
+    dm.setup("fit")
+    train = property_values([dm.train_set[i] for i in range(len(dm.train_set))], [target])[:, 0]
+    test = property_values([dm.test_set[i] for i in range(len(dm.test_set))], [target])[:, 0]
+    return float(np.abs(test - train.mean()).mean() * TARGETS[target].report_factor)
+
+
+def summarize(rows: list[dict], args) -> list[dict]:
     import numpy as np
 
     out = []
@@ -96,6 +114,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             cell["unit"] = next(r["unit"] for r in rows if r["target"] == target)
         if cell["scratch"] and cell["pretrained"]:
             cell["ratio"] = cell["scratch"]["mean"] / cell["pretrained"]["mean"]
+        seeds = sorted({r["seed"] for r in rows if (r["target"], r["n_train"]) == (target, n)})
+        cell["train_mean_baseline"] = float(np.mean([mean_baseline(args, target, n, s) for s in seeds]))
         out.append(cell)
     return out
 
@@ -104,28 +124,35 @@ def write_report(args, rows: list[dict]) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from forcecentric.provenance import machine_info
 
-    summary = summarize(rows)
+    summary = summarize(rows, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"description": "pre-trained vs scratch single-target property fine-tuning, test MAE",
                "data": args.data, "pretrained": args.pretrained, "n_val": args.n_val, "n_test": args.n_test,
+               "lr": args.lr, "epochs": {"n<=100": args.epochs_small, "larger": args.epochs_large},
                "model": MODEL, "machine": machine_info(), "summary": summary, "runs": rows}
-    tmp = RESULTS / "property_study.json.tmp"
+    name = "property_study" + (f"_{args.tag}" if args.tag else "")
+    tmp = RESULTS / f"{name}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(RESULTS / "property_study.json")
-    lines = ["| target | N train | scratch | pre-trained | ratio | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    tmp.replace(RESULTS / f"{name}.json")
+    lines = ["| target | N train | training mean | scratch | pre-trained | ratio | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for c in summary:
+        def num(v: float) -> str:
+            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
         def fmt(x):
-            return f"{x['mean']:.3g} ± {x['std']:.2g}" if x else "–"
+            return f"{num(x['mean'])} ± {num(x['std'])}" if x else "–"
         seeds = "/".join(str(c[i]["seeds"]) if c[i] else "0" for i in ("scratch", "pretrained"))
         ratio = f"{c['ratio']:.2f}×" if "ratio" in c else "–"
-        lines.append(f"| {c['target']} ({c['unit']}) | {c['n_train']} | {fmt(c['scratch'])} | "
+        lines.append(f"| {c['target']} ({c['unit']}) | {c['n_train']} | {num(c['train_mean_baseline'])} | "
+                     f"{fmt(c['scratch'])} | "
                      f"{fmt(c['pretrained'])} | {ratio} | {seeds} |")
-    (RESULTS / "property_study.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _figure(summary)
+    _figure(summary, FIGURE.with_name(f"{name}.png"))
 
 
-def _figure(summary: list[dict]) -> None:
+def _figure(summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,16 +169,22 @@ def _figure(summary: list[dict]) -> None:
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
                             marker="o", capsize=3, color=color, label=init)
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)
+        sizes = sorted({c["n_train"] for c in cells})
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(n) for n in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training molecules")
         ax.set_ylabel(f"test MAE ({cells[0]['unit']})")
         ax.set_title(target)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE, dpi=120)
-    print(f"wrote {FIGURE}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> int:
@@ -171,6 +204,7 @@ def main() -> int:
     p.add_argument("--epochs-large", type=int, default=80, help="epochs at larger N")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/property_study")
+    p.add_argument("--tag", default="", help="suffix of the result files (property_study_TAG.json/.md/.png)")
     p.add_argument("--report", action="store_true", help="only collect finished cells into the report")
     args = p.parse_args()
     if not args.report:
