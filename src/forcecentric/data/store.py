@@ -1174,7 +1174,10 @@ class WeightedSourceSampler(torch.utils.data.Sampler[int]):
 
     The sequence depends only on ``seed`` and the epoch (:meth:`set_epoch`). With
     ``num_replicas > 1`` (distributed training) each rank gets every ``num_replicas``-th draw
-    of the same sequence.
+    of the same sequence; the draws are padded (by repeating the first ones) so every rank gets
+    ``ceil(num_samples / num_replicas)``, or with ``drop_last=True`` the last
+    ``num_samples % num_replicas`` draws are left out so every rank gets
+    ``num_samples // num_replicas`` and no draw is repeated for padding.
 
     Args:
         data: a :class:`Store`, a ``Subset`` of one, a ``ConformationDataset`` or a sequence
@@ -1182,6 +1185,8 @@ class WeightedSourceSampler(torch.utils.data.Sampler[int]):
         weights: relative weight per source name.
         num_samples: draws per epoch (all replicas together); default the dataset length.
         seed: random seed.
+        num_replicas, rank: the world size and this process's rank (distributed training).
+        drop_last: leave out the remainder instead of padding (see above).
     """
 
     def __init__(
@@ -1193,6 +1198,7 @@ class WeightedSourceSampler(torch.utils.data.Sampler[int]):
         *,
         num_replicas: int = 1,
         rank: int = 0,
+        drop_last: bool = False,
     ) -> None:
         codes, names = _source_labels(data)
         self.names = names
@@ -1230,11 +1236,16 @@ class WeightedSourceSampler(torch.utils.data.Sampler[int]):
         self.epoch = 0
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
+        self.drop_last = bool(drop_last)
+        if self.drop_last and self.num_samples < self.num_replicas:
+            raise DataError(f"{self.num_samples} draws cannot be shared between {self.num_replicas} replicas")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.num_replicas
         return -(-self.num_samples // self.num_replicas)
 
     def _counts(self, rng: np.random.Generator) -> np.ndarray:
@@ -1266,7 +1277,7 @@ class WeightedSourceSampler(torch.utils.data.Sampler[int]):
         total = len(self) * self.num_replicas
         if total > out.shape[0]:  # pad so every replica gets the same number of draws
             out = np.concatenate([out, out[: total - out.shape[0]]])
-        return out
+        return out[:total]
 
     def __iter__(self) -> Iterator[int]:
         out = self.indices()[self.rank :: self.num_replicas]

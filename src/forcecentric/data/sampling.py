@@ -1,0 +1,80 @@
+"""Samplers for distributed (multi-process) training and evaluation.
+
+Under DDP every process (rank) runs its own DataLoader; each must see a different part of the
+data and, for training, the same number of batches (else the gradient all-reduce of the rank
+with the extra batch waits forever). :class:`DistributedShuffleSampler` does both without the
+padding duplicates of ``torch.utils.data.DistributedSampler``:
+
+* training (``shuffle=True, drop_last=True``): per epoch one permutation of all ``n``
+  conformations, seeded by ``(seed, epoch)``; its last ``n % world_size`` entries are left out,
+  and rank ``r`` takes ``perm[r::world_size]``. Every rank gets ``n // world_size`` items, no
+  conformation is seen twice in an epoch, and the at most ``world_size - 1`` skipped ones are
+  different ones each epoch (they are wherever the permutation put them).
+* evaluation (``shuffle=False, drop_last=False``): rank ``r`` takes ``r, r + W, r + 2W, ...``;
+  the shards are disjoint and cover every item once (sizes differ by at most one), so metrics
+  reduced as weighted sums over ranks are exactly those of one process.
+
+Weighted multi-source sampling is :class:`forcecentric.data.store.WeightedSourceSampler`, which
+takes the same ``num_replicas`` / ``rank`` / ``drop_last`` arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+class DistributedShuffleSampler(torch.utils.data.Sampler[int]):
+    """Indices ``0..n-1`` split between ``num_replicas`` ranks without duplicates.
+
+    Args:
+        n: dataset length.
+        num_replicas: number of ranks (the world size).
+        rank: this process's global rank.
+        seed: random seed; the order of an epoch depends only on ``(seed, epoch)``.
+        shuffle: permute the indices each epoch (training) or keep their order (evaluation).
+        drop_last: leave out the last ``n % num_replicas`` indices (of the permuted order), so
+            every rank gets exactly ``n // num_replicas``; else ranks get ``floor`` or ``ceil``.
+    """
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, *,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        n, num_replicas, rank = int(n), int(num_replicas), int(rank)
+        if num_replicas < 1:
+            raise DataError(f"num_replicas must be at least 1, got {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise DataError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        if n < 0:
+            raise DataError(f"dataset length must be >= 0, got {n}")
+        self.n = n
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch: a new permutation per epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.num_replicas
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def order(self) -> np.ndarray:
+        """The order of all ``n`` indices this epoch (before the remainder is left out)."""
+        if not self.shuffle:
+            return np.arange(self.n, dtype=np.int64)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).astype(np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        if self.drop_last:
+            order = order[: self.n - self.n % self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas].tolist())
