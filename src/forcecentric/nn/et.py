@@ -131,7 +131,8 @@ class NeighborEmbedding(nn.Module):
     ) -> Tensor:
         w = self.distance_proj(rbf) * self.cutoff(r).unsqueeze(-1)
         msg = self.embedding(z).index_select(0, idx_j) * w
-        agg = torch.zeros_like(x).index_add(0, idx_i, msg)
+        # accumulate in the messages' dtype (under bf16 autocast they may differ from x's)
+        agg = msg.new_zeros(x.shape).index_add(0, idx_i, msg)
         return self.combine(torch.cat([x, agg], dim=-1))
 
 
@@ -221,8 +222,9 @@ class EquivariantAttention(nn.Module):
         vec_msg = vec_j * gate_vec.unsqueeze(1) + gate_dir.unsqueeze(1) * unit.reshape(-1, 3, 1, 1)
 
         # --- aggregation at i
-        x_agg = x.new_zeros(n, h, d).index_add(0, idx_i, x_msg).reshape(n, f)
-        vec_agg = vec.new_zeros(n, 3, h, d).index_add(0, idx_i, vec_msg).reshape(n, 3, f)
+        # (in the messages' dtype: under bf16 autocast it may differ from x's and vec's)
+        x_agg = x_msg.new_zeros(n, h, d).index_add(0, idx_i, x_msg).reshape(n, f)
+        vec_agg = vec_msg.new_zeros(n, 3, h, d).index_add(0, idx_i, vec_msg).reshape(n, 3, f)
 
         # --- update
         o1, o2, o3 = torch.split(self.o_proj(x_agg), f, dim=-1)
