@@ -354,6 +354,8 @@ def cmd_build_data(args) -> int:
 
 
 def _print_summary(metrics: dict) -> None:
+    if metrics.get("global_rank", 0):  # distributed runs: rank 0 reports
+        return
     keep = {k: v for k, v in metrics.items() if k not in ("val", "test")}
     for split in ("val", "test"):
         if split in metrics:

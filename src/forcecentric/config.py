@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -175,7 +175,20 @@ class OptimConfig(_Strict):
     ema_decay: float | None = Field(0.99, description="EMA of weights (None: off)")
 
 
+#: ``trainer.precision`` -> Lightning's precision setting.
+PRECISIONS = {"32": "32-true", "64": "64-true", "bf16-mixed": "bf16-mixed"}
+
+
 class TrainerConfig(_Strict):
+    """How Lightning runs the training: length, hardware, distribution and precision.
+
+    Distributed data-parallel training (docs/distributed.md): ``devices`` processes per node
+    times ``num_nodes`` nodes, each with its own share of every epoch. ``data.batch_size`` is the
+    batch of ONE process, so the global batch of one optimizer step is
+    ``data.batch_size * devices * num_nodes * accumulate_grad_batches`` (``metrics.json`` reports
+    it as ``global_batch_size``).
+    """
+
     max_epochs: int = Field(100, gt=0)
     max_steps: int = Field(-1, description="-1: no step limit")
     max_time_minutes: float | None = Field(
@@ -183,12 +196,37 @@ class TrainerConfig(_Strict):
         "whichever runs out first)"
     )
     early_stopping_patience: int | None = Field(20, description="epochs (None: off)")
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    precision: Literal["32", "64"] = "32"
+    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
+    devices: int | str = Field(
+        "auto", description="processes (GPUs) per node; an int, 'auto', or a list string like '0,1'"
+    )
+    num_nodes: int = Field(1, gt=0, description="nodes of a multi-node (torchrun / SLURM) run")
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = Field(
+        "auto",
+        description="Lightning strategy. auto: one process unless devices/num_nodes ask for more, then DDP; "
+        "ddp: DistributedDataParallel, one process per device, started by torchrun, SLURM's srun, or by "
+        "Lightning itself on one node; ddp_find_unused_parameters_true: DDP that also searches the graph for "
+        "unused parameters (not needed: training gives every parameter a gradient under DDP)",
+    )
+    accumulate_grad_batches: int = Field(
+        1, gt=0, description="batches per process whose gradients make one optimizer step (their mean)"
+    )
+    precision: Literal["32", "64", "bf16-mixed"] = Field(
+        "32", description="'32' (float32), '64' (float64) or 'bf16-mixed' (bfloat16 autocast, float32 weights)"
+    )
     log_every_n_steps: int = Field(10, gt=0)
     check_val_every_n_epoch: int = Field(1, gt=0)
     progress_bar: bool = True
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_str(cls, v: Any) -> Any:
+        # YAML and --set read 32 / 64 as integers
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @property
+    def lightning_precision(self) -> str:
+        return PRECISIONS[self.precision]
 
 
 class PropertyConfig(_Strict):

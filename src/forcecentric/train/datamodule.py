@@ -148,6 +148,12 @@ class ForceFieldDataModule(pl.LightningDataModule):
     per DataLoader worker). When no separate val / test files are given they are carved out of
     the training data, at random or by molecule identity, reproducibly from ``seed``; val and
     test are drawn first, so they do not change with ``n_train``.
+
+    Under DDP (the attached Trainer's ``world_size > 1``) each rank gets its own samplers
+    (:meth:`_distributed_sampler`): a per-epoch split of the training set without repeats (the
+    at most ``world_size - 1`` left over are skipped that epoch), weighted by source when
+    ``source_weights`` is set, and disjoint validation / test shards. One process: the loaders
+    of a plain run (seeded shuffle, or the weighted sampler), unchanged. See docs/distributed.md.
     """
 
     def __init__(self, config: DataConfig, seed: int = 0, properties: list[str] | None = None):
@@ -208,10 +214,27 @@ class ForceFieldDataModule(pl.LightningDataModule):
         records = ds.records if isinstance(ds, ConformationDataset) else sample_records(ds, 1000)
         property_values(records, self.properties, file=str(resolve_path(spec)))
 
+    def world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the run: from the attached Trainer, else from an
+        initialised ``torch.distributed`` process group, else ``(1, 0)``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
     def _loader(self, ds, shuffle: bool, batch_size: int) -> torch.utils.data.DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
         sampler = None
-        if shuffle and self.config.source_weights:
+        world, rank = self.world()
+        if world > 1:
+            # DDP: every rank its own share, no padding duplicates (the Trainer runs with
+            # use_distributed_sampler=False, so these samplers are the ones used)
+            sampler = self._distributed_sampler(ds, shuffle, world, rank)
+            shuffle = False
+        elif shuffle and self.config.source_weights:
             from ..data.store import WeightedSourceSampler
 
             sampler = WeightedSourceSampler(_sources(ds), self.config.source_weights, len(ds), self.seed)
@@ -221,6 +244,28 @@ class ForceFieldDataModule(pl.LightningDataModule):
             num_workers=self.config.num_workers, generator=gen,
             persistent_workers=self.config.num_workers > 0,
         )
+
+    def _distributed_sampler(self, ds, train: bool, world: int, rank: int) -> torch.utils.data.Sampler:
+        """Training: a new split of every epoch between the ranks, the same number of items on
+        each (the at most ``world - 1`` left over are skipped that epoch), weighted by source when
+        ``data.source_weights`` is set. Evaluation: disjoint shards covering every item once."""
+        from ..data.sampling import DistributedShuffleSampler
+
+        n = len(ds)
+        if n < world:
+            what = "training" if train else "validation/test"
+            raise DataError(
+                f"the {what} set has {n} conformations, fewer than the {world} processes of this "
+                "distributed run: every process needs at least one"
+            )
+        if not train:
+            return DistributedShuffleSampler(n, world, rank, self.seed, shuffle=False, drop_last=False)
+        if self.config.source_weights:
+            from ..data.store import WeightedSourceSampler
+
+            return WeightedSourceSampler(_sources(ds), self.config.source_weights, n, self.seed,
+                                         num_replicas=world, rank=rank, drop_last=True)
+        return DistributedShuffleSampler(n, world, rank, self.seed, shuffle=True, drop_last=True)
 
     def train_dataloader(self):
         return self._loader(self.train_set, True, self.config.batch_size)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from ..config import RunConfig
@@ -37,6 +38,50 @@ class _TrainingModule(pl.LightningModule):
         self.config = config
         self.model = model
         self.save_hyperparameters({"config": config.model_dump(mode="json")})
+
+    # ------------------------------------------------------------ distribution
+    @property
+    def world_size(self) -> int:
+        """Processes of the run (1 when not attached to a Trainer)."""
+        return int(self._trainer.world_size) if self._trainer is not None else 1
+
+    def on_train_start(self) -> None:
+        # DDP: every rank starts from the same seed_everything(seed); give each rank its own
+        # stream for the random numbers of training (the denoising noise), so the ranks do not
+        # draw the same noise for their different conformations. One process: unchanged.
+        if self.world_size > 1:
+            torch.manual_seed(int(np.random.SeedSequence([self.config.seed, self.global_rank]).generate_state(1)[0]))
+
+    def _every_parameter(self, loss: torch.Tensor) -> torch.Tensor:
+        """Under DDP: ``loss + 0 * sum(parameters)``, so that every trainable parameter gets a
+        gradient (zeros where the loss does not depend on it) in every step. DDP all-reduces the
+        gradients only once every parameter's gradient hook has fired; force-matching losses
+        leave some parameters without a gradient (the energy head's last bias only shifts the
+        energy, an unused denoising head, ...), and then DDP silently skips the averaging (each
+        rank takes its own step) or fails on the next step. This is cheaper than DDP's
+        ``find_unused_parameters`` graph search and holds whichever way the strategy was chosen
+        (``auto``, ``ddp``, torchrun). One process: the loss is returned unchanged."""
+        if self.world_size <= 1:
+            return loss
+        touch = sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return loss + 0.0 * touch
+
+    def _weight(self, count: int) -> int | float:
+        """The ``batch_size`` (weight) of a logged mean. Under DDP a float: Lightning sums the
+        weights of each rank in an integer tensor and averages that across ranks in place
+        (``lightning.fabric.utilities.distributed._sync_ddp``), which truncates as soon as ranks
+        hold different counts (validation shards of 3 and 2 frames give 2, not 2.5) and biases
+        the reduced mean; a float weight keeps the reduction exact: sum(value * w) / sum(w) over
+        all ranks. One process: the integer, as before."""
+        return float(count) if self.world_size > 1 else int(count)
+
+    def _log_train(self, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False) -> None:
+        """``train/NAME_step`` (this rank's value, every step, no communication) and
+        ``train/NAME_epoch`` (the mean over the epoch's batches of all ranks, weighted by batch
+        size, reduced across ranks once at the end of the epoch)."""
+        self.log(f"train/{name}_step", value, batch_size=batch_size, prog_bar=prog_bar, on_step=True, on_epoch=False)
+        self.log(f"train/{name}_epoch", value, batch_size=self._weight(batch_size), prog_bar=prog_bar,
+                 on_step=False, on_epoch=True, sync_dist=True)
 
     def _check_finite(self, terms: dict[str, torch.Tensor], stage: str) -> None:
         if not torch.isfinite(terms["loss"]):
@@ -67,6 +112,10 @@ class _TrainingModule(pl.LightningModule):
 
             def factor(step: int) -> float:
                 used = (time.monotonic() - t_start) / (60.0 * budget) if budget else 0.0
+                if budget and self.world_size > 1:
+                    # DDP: rank 0's clock for everyone, so all replicas keep the same learning
+                    # rate (and the same weights); every rank steps its scheduler alike
+                    used = float(self.trainer.strategy.broadcast(used, src=0))
                 return cosine_factor(step, total, warm, o.min_lr / o.lr, used)
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -112,8 +161,11 @@ class ForceFieldModule(_TrainingModule):
         self._check_finite(terms, stage)
         n = batch.n_graphs
         for name, value in terms.items():
-            self.log(f"{stage}/{name}", value.detach(), batch_size=n, prog_bar=name == "loss",
-                     on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+            if stage == "train":
+                self._log_train(name, value.detach(), n, prog_bar=name == "loss")
+            else:
+                self.log(f"{stage}/{name}", value.detach(), batch_size=self._weight(n), prog_bar=name == "loss",
+                         on_epoch=True, sync_dist=True)
         if stage != "train":
             self._log_mae(out, views, stage, n)
         return terms
@@ -121,19 +173,25 @@ class ForceFieldModule(_TrainingModule):
     def _log_mae(self, out, views, stage: str, n: int) -> None:
         b = views.batch
         fa = views.force_atoms
-        if bool(fa.any()):
-            mae = (out["forces"][fa] - b.forces[fa]).abs().mean()
-            self.log(f"{stage}/force_mae", mae, batch_size=int(fa.sum()), sync_dist=True)
+        # under DDP every rank must log the same keys (each is all-reduced at the epoch's end):
+        # a rank whose shard has no labelled atoms logs 0 with weight 0
+        every = self.world_size > 1
+        if bool(fa.any()) or every:
+            k = int(fa.sum())
+            mae = (out["forces"][fa] - b.forces[fa]).abs().mean() if k else out["forces"].new_zeros(())
+            self.log(f"{stage}/force_mae", mae, batch_size=self._weight(k), sync_dist=True)
         if self.config.loss.energy <= 0:  # energies not trained (pre-training): their MAE means nothing
             return
         eg = b.has_energy & ~b.equilibrium
         eg = eg & (torch.arange(b.n_graphs, device=eg.device) < n)
-        if bool(eg.any()):
+        if bool(eg.any()) or every:
+            k = int(eg.sum())
             err = (out["energy"][eg].double() - b.energy[eg].double()).abs()
-            self.log(f"{stage}/energy_mae", err.mean(), batch_size=int(eg.sum()), sync_dist=True)
+            self.log(f"{stage}/energy_mae", err.mean() if k else err.new_zeros(()), batch_size=self._weight(k),
+                     sync_dist=True)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")["loss"]
+        return self._every_parameter(self._step(batch, "train")["loss"])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # the same noise on every validation pass, so val/denoise is comparable across epochs
@@ -167,16 +225,19 @@ class PropertyModule(_TrainingModule):
         self._check_finite(terms, stage)
         n = b.n_graphs
         train = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), batch_size=n, prog_bar=True, on_step=train, on_epoch=True,
-                 sync_dist=not train)
+        if train:
+            self._log_train("loss", loss.detach(), n, prog_bar=True)
+        else:
+            self.log(f"{stage}/loss", loss.detach(), batch_size=self._weight(n), prog_bar=True, on_epoch=True,
+                     sync_dist=True)
         if not train:
             for k, name in enumerate(names):
                 mae = (pred[:, k] - y[:, k]).abs().mean() * TARGETS[name].report_factor
-                self.log(f"{stage}/{name}_mae", mae, batch_size=n, sync_dist=True)
+                self.log(f"{stage}/{name}_mae", mae, batch_size=self._weight(n), sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._every_parameter(self._step(batch, "train"))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -3,6 +3,10 @@
 One run directory holds the resolved ``config.yaml``, Lightning's ``metrics.csv``, the
 ``learning_curve.png``, ``checkpoints/`` (``last.ckpt`` for ``--resume``, the best one by
 ``val/loss``), the exported ``model.ckpt`` and ``metrics.json`` with validation and test errors.
+
+Distributed runs (``trainer.devices`` x ``trainer.num_nodes`` processes, docs/distributed.md):
+every process runs :func:`run`; rank 0 alone writes the run directory's files and, after
+training, evaluates and exports; the other ranks return right after ``fit``.
 """
 
 from __future__ import annotations
@@ -114,6 +118,22 @@ def _init_property_model(cfg: RunConfig, dm: ForceFieldDataModule):
     return model
 
 
+def global_batch_size(cfg: RunConfig, world_size: int) -> int:
+    """Conformations per optimizer step: ``data.batch_size`` is per process (device), so the
+    global batch is ``batch_size * world_size * accumulate_grad_batches`` with
+    ``world_size = devices * num_nodes``."""
+    return int(cfg.data.batch_size) * int(world_size) * int(cfg.trainer.accumulate_grad_batches)
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun's RANK, SLURM_PROCID,
+    Lightning's LOCAL_RANK for the processes it starts itself), before any process group
+    exists; 0 for a plain single-process run."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
     from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                              ModelCheckpoint, TQDMProgressBar)
@@ -140,7 +160,13 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
         max_time={"minutes": t.max_time_minutes} if t.max_time_minutes else None,
         accelerator=t.accelerator,
         devices=t.devices,
-        precision="64-true" if t.precision == "64" else "32-true",
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.lightning_precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        # the datamodule builds its own per-rank samplers (no padding duplicates, weighted by
+        # source where asked); Lightning must not replace them with DistributedSampler
+        use_distributed_sampler=False,
         gradient_clip_val=cfg.optim.gradient_clip,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
@@ -173,7 +199,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             "choose another run_dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if _launch_rank() == 0:  # distributed launches: every process runs this function
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # expected situations in this workflow, not problems: small datasets, reused run dirs on resume
     for msg in ("The number of training batches", "Experiment logs directory", "Checkpoint directory",
@@ -192,7 +219,17 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     model.metadata["data"] = dm.describe()
     module = PropertyModule(cfg, model) if property_task else ForceFieldModule(cfg, model)
     trainer = _trainer(cfg, run_dir)
+    if trainer.is_global_zero and trainer.world_size > 1:
+        log.info("distributed run: %d processes, global batch %d (%d per process x %d processes x %d accumulated)",
+                 trainer.world_size, global_batch_size(cfg, trainer.world_size), cfg.data.batch_size,
+                 trainer.world_size, cfg.trainer.accumulate_grad_batches)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    world = int(trainer.world_size)
+    if not trainer.is_global_zero:
+        # DDP: rank 0 alone evaluates and writes model.ckpt and metrics.json (Lightning already
+        # wrote checkpoints from rank 0 only); the other ranks are done, with no collective left
+        return {"task": cfg.task, "run_dir": str(run_dir), "global_rank": int(trainer.global_rank),
+                "world_size": world}
 
     # best weights (EMA weights when EMA is on) -> self-contained model.ckpt
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -210,6 +247,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in final.parameters()),
         "package_version": __version__,
         "train_size": len(dm.train_set),
+        # data.batch_size is per process: one optimizer step sees batch_size x processes x accumulation
+        "world_size": world,
+        "batch_size_per_device": cfg.data.batch_size,
+        "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "global_batch_size": global_batch_size(cfg, world),
+        "precision": cfg.trainer.precision,
     }
     if property_task:
         metrics["targets"] = list(cfg.property.targets)
