@@ -318,3 +318,16 @@ def test_cli_label_properties(tmp_path, capsys):
     assert recs[0].info["mu"] == pytest.approx(2.29, abs=0.05)  # water, GFN2-xTB
     y = property_values(recs, ["homo", "lumo", "gap"])
     np.testing.assert_allclose(y[:, 2], y[:, 1] - y[:, 0], rtol=1e-9)
+
+
+def test_presets_and_the_standard_qm9_split():
+    from forcecentric.data.splits import random_split
+
+    qm9 = load_run_config(preset_path("qm9"))
+    assert (qm9.task, qm9.data.format, qm9.data.n_train, qm9.data.n_val, qm9.data.n_test) == (
+        "property", "qm9", 110_000, 10_000, None)
+    assert load_run_config(preset_path("property")).task == "property"
+    # the datamodule's sizes for n_test: null are [n_val, rest, n_train]: QM9's 130,831 molecules
+    va, te, tr = random_split(130_831, [10_000, None, 110_000], seed=0)
+    assert (len(va), len(te), len(tr)) == (10_000, 10_831, 110_000)
+    assert len(set(va) | set(te) | set(tr)) == 130_831
