@@ -286,6 +286,56 @@ def test_truncated_or_corrupted_shard_names_the_file(tmp_path):
         Store(path).verify()
 
 
+def test_bad_shards_can_be_skipped_by_option(tmp_path):
+    path = write(tmp_path / "s", [make_conf(i) for i in range(40)], shard_size=10)
+    intact = Store(path)
+    recs = [intact[j] for j in range(40)]
+    intact.close()
+    (path / shard_name(1)).write_bytes((path / shard_name(1)).read_bytes()[:500])  # truncated
+    data = (path / shard_name(3)).read_bytes()
+    (path / shard_name(3)).write_bytes(b"\0" * 64 + data[64:])  # corrupted header, same size
+    with pytest.warns(UserWarning) as warned:
+        store = Store(path, skip_bad_shards=True)
+    assert [w for w in warned if "shard-00001.h5" in str(w.message)]
+    assert [w for w in warned if "shard-00003.h5" in str(w.message)]
+    assert [s["file"] for s in store.skipped_shards] == [shard_name(1), shard_name(3)]
+    assert len(store) == 20
+    for i, j in enumerate(list(range(0, 10)) + list(range(20, 30))):  # shards 0 and 2, in order
+        assert_same(store[i], recs[j])
+    assert len(store.sources()) == 20 and store.describe()["skipped_shards"][0]["n_conformations"] == 10
+    # the data module passes the option through (data.skip_bad_shards)
+    from forcecentric.config import DataConfig
+    from forcecentric.train.datamodule import ForceFieldDataModule
+
+    dm = ForceFieldDataModule(DataConfig(train=[str(path)], n_val=5, skip_bad_shards=True))
+    with pytest.warns(UserWarning, match="skipping shard"):
+        dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 20
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from forcecentric.checkpoint import atomic_torch_save
+
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, target)
+    before = target.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")  # some bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_torch_save({"step": 2, "w": torch.zeros(3)}, target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert target.read_bytes() == before and torch.load(target)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
 class _PidProbe(torch.utils.data.Dataset):
     def __init__(self, store):
         self.store = store

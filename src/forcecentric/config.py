@@ -161,6 +161,10 @@ class DataConfig(_Strict):
     val_batch_size: int | None = None
     num_workers: int = Field(0, ge=0)
     max_force: float | None = Field(None, description="drop frames with |F| above this (eV/A)")
+    skip_bad_shards: bool = Field(
+        False, description="stores: leave out (with a warning naming each) shards that are missing, truncated or "
+        "corrupted instead of stopping with an error"
+    )
 
 
 class OptimConfig(_Strict):

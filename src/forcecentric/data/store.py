@@ -957,6 +957,12 @@ class Store(torch.utils.data.Dataset):
         cache_mb: per-process budget for in-memory per-record arrays.
         allow_incomplete: read a store whose build did not finish (only its complete shards);
             otherwise that is an error.
+        skip_bad_shards: open every shard now and leave out, with a warning naming each file and
+            its problem, the ones that are missing, truncated, corrupted (unreadable HDF5) or
+            inconsistent with the manifest; their conformations are not in the dataset
+            (``skipped_shards`` lists them). Default: such a shard raises a
+            :class:`~forcecentric.errors.DataError` naming it when it is first read. The check
+            is the cheap one (file size, header, counts, shapes); ``verify()`` adds checksums.
     """
 
     def __init__(
@@ -966,6 +972,7 @@ class Store(torch.utils.data.Dataset):
         max_open_shards: int = 16,
         cache_mb: float = 64.0,
         allow_incomplete: bool = False,
+        skip_bad_shards: bool = False,
     ) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -978,6 +985,20 @@ class Store(torch.utils.data.Dataset):
                 )
             warnings.warn(f"reading the complete shards of an unfinished store {self.path}", stacklevel=2)
         self._entries: list[dict] = list(self.manifest["shards"])
+        #: ``{"file": name, "problem": message}`` of the shards left out by ``skip_bad_shards``
+        self.skipped_shards: list[dict] = []
+        if skip_bad_shards:
+            good = []
+            for entry in self._entries:
+                try:
+                    _Shard(self.path / entry["file"], entry).close()
+                    good.append(entry)
+                except DataError as exc:
+                    self.skipped_shards.append({"file": entry["file"], "problem": str(exc),
+                                                "n_conformations": int(entry["n_conformations"])})
+                    warnings.warn(f"skipping shard {str(self.path / entry['file'])!r} "
+                                  f"({int(entry['n_conformations'])} conformations): {exc}", stacklevel=2)
+            self._entries = good
         counts = [int(s["n_conformations"]) for s in self._entries]
         self._starts = [0] + list(np.cumsum(counts[:-1]).tolist()) if counts else []
         self._ends = list(np.cumsum(counts).tolist()) if counts else []
@@ -1135,6 +1156,9 @@ class Store(torch.utils.data.Dataset):
             "sources": dict(st["sources"]),
             "elements": self.elements(),
             "levels_of_theory": sorted(k for k in st["levels_of_theory"] if k),
+            **({"n_conformations": self._len, "skipped_shards": copy.deepcopy(self.skipped_shards),
+                "note": "counts other than n_conformations include the skipped shards (manifest statistics)"}
+               if self.skipped_shards else {}),
         }
 
     def verify(self, checksums: bool = True) -> None:

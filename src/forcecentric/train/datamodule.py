@@ -52,14 +52,16 @@ def is_store(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file()
 
 
-def open_source(spec: str, format: str | None = None, max_force: float | None = None):
-    """A store directory opens lazily as a :class:`~forcecentric.data.store.Store`; any other
-    file is read, validated and held in memory as a :class:`ConformationDataset`."""
+def open_source(spec: str, format: str | None = None, max_force: float | None = None,
+                skip_bad_shards: bool = False):
+    """A store directory opens lazily as a :class:`~forcecentric.data.store.Store` (leaving out
+    unreadable shards with ``skip_bad_shards``); any other file is read, validated and held in
+    memory as a :class:`ConformationDataset`."""
     path = resolve_path(spec)
     if is_store(path):
         from ..data.store import Store
 
-        return Store(path)
+        return Store(path, skip_bad_shards=skip_bad_shards)
     return ConformationDataset(load_records([spec], format, max_force), name=str(path))
 
 
@@ -174,9 +176,9 @@ class ForceFieldDataModule(pl.LightningDataModule):
         c = self.config
         if not c.train:
             raise DataError("data.train lists no files: nothing to train on")
-        parts = [open_source(s, c.format, c.max_force) for s in c.train]
-        val_parts = [open_source(s, c.format, c.max_force) for s in c.val]
-        test_parts = [open_source(s, c.format, c.max_force) for s in c.test]
+        parts = [open_source(s, c.format, c.max_force, c.skip_bad_shards) for s in c.train]
+        val_parts = [open_source(s, c.format, c.max_force, c.skip_bad_shards) for s in c.val]
+        test_parts = [open_source(s, c.format, c.max_force, c.skip_bad_shards) for s in c.test]
         if self.properties:
             for spec, ds in zip(c.train + c.val + c.test, parts + val_parts + test_parts):
                 self._check_properties(spec, ds)
