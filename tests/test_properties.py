@@ -19,7 +19,7 @@ from forcecentric.data import read_all
 from forcecentric.data.dataset import property_values
 from forcecentric.errors import ConfigError, DataError
 from forcecentric.nn.model import ForceField
-from forcecentric.nn.properties import QM9_TARGETS, TARGETS, PropertyModel, dipole_moment
+from forcecentric.nn.properties import QM9_TARGETS, TARGETS, PropertyModel, centered_positions, dipole_moment
 from forcecentric.properties import fit_priors, predict_properties, property_metrics
 
 QM9_100 = SHARED_DATA / "metatrain_qm9_100" / "qm9_reduced_100.xyz"
@@ -108,19 +108,20 @@ def test_dipole_of_hand_built_charges():
     batch = torch.zeros(2, dtype=torch.long)
     q = torch.tensor([1.0, -1.0], dtype=torch.float64)
     no_m = torch.zeros(2, 3, dtype=torch.float64)
-    d = dipole_moment(q, no_m, z, pos, batch, 1, masses)
+    d = dipole_moment(q, no_m, centered_positions(pos, z, batch, 1, masses), batch, 1)
     # +1 e and -1 e 2 Angstrom apart: 2 e*Angstrom = 9.606 D
     torch.testing.assert_close(d, torch.tensor([[2.0 / units.Debye, 0.0, 0.0]], dtype=torch.float64))
     assert 2.0 / units.Debye == pytest.approx(9.6064, abs=1e-3)
     # atomic dipoles add; moving the origin changes nothing for a neutral molecule
     m = torch.tensor([[0.0, 0.1, 0.0], [0.0, 0.1, 0.0]], dtype=torch.float64)
-    d2 = dipole_moment(q, m, z, pos + 7.0, batch, 1, masses)
+    d2 = dipole_moment(q, m, centered_positions(pos + 7.0, z, batch, 1, masses), batch, 1)
     torch.testing.assert_close(d2, torch.tensor([[2.0, 0.2, 0.0]], dtype=torch.float64) / units.Debye)
     # charges that do not add up to the total charge are shifted equally: +0.5/+0.5 -> 0/0
-    d3 = dipole_moment(torch.tensor([1.5, -0.5], dtype=torch.float64), no_m, z, pos, batch, 1, masses)
+    rel = centered_positions(pos, z, batch, 1, masses)
+    d3 = dipole_moment(torch.tensor([1.5, -0.5], dtype=torch.float64), no_m, rel, batch, 1)
     torch.testing.assert_close(d3, d)
     # a cation: its dipole is about the centre of mass
-    d4 = dipole_moment(torch.tensor([1.0, 0.0], dtype=torch.float64), no_m, z, pos, batch, 1, masses,
+    d4 = dipole_moment(torch.tensor([1.0, 0.0], dtype=torch.float64), no_m, rel, batch, 1,
                        charge=torch.tensor([1]))
     torch.testing.assert_close(d4, torch.tensor([[1.0 / units.Debye, 0.0, 0.0]], dtype=torch.float64))
 
@@ -271,8 +272,10 @@ def test_cli_finetune_and_predict(tmp_path, capsys):
 
 def test_cli_property_errors(tmp_path, capsys):
     data = _qm9_file(tmp_path)
-    assert main(["finetune", "--task", "property", "--target", "bandgap", "--data", str(data)]) == 2
+    assert main(["finetune", "--task", "property", "--target", "bandgap", "--data", str(data),
+                 "--run-dir", str(tmp_path / "never")]) == 2
     assert "unknown property target 'bandgap'; valid targets: mu, alpha, homo" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # refused before anything is written
     assert main(["finetune", "--task", "property", "--data", str(data)]) == 2
     assert "no property target given" in capsys.readouterr().err
     # a data file without the property: the file, the records and what they have

@@ -54,15 +54,12 @@ def cmd_finetune(args) -> int:
     extra: dict[str, Any] = {"init_from": args.init_from}
     if args.data:
         extra["data.train"] = list(args.data)
-    if args.task == "property":
-        from .properties import check_targets
-
+    if args.task == "property":  # targets are checked by run(), before it writes anything
         if args.target:
-            extra["property.targets"] = check_targets(args.target)
+            extra["property.targets"] = list(args.target)
         if args.config is None:
             args.config = "property"
         cfg = _load_cfg(args, "property", extra)
-        check_targets(cfg.property.targets)
     else:
         if args.target:
             raise ForceCentricError("--target is for --task property (molecular properties)")
@@ -78,7 +75,7 @@ def cmd_predict(args) -> int:
     from .checkpoint import load
     from .data.dataset import property_values
     from .errors import DataError
-    from .evaluation import check_elements, predict
+    from .evaluation import check_elements, error_metrics, predict
     from .nn.properties import TARGETS, PropertyModel
     from .properties import predict_properties, property_metrics, write_predictions_csv
     from .train.datamodule import open_source, resolve_path
@@ -113,7 +110,7 @@ def cmd_predict(args) -> int:
         reference = None
         if all(r.energy is not None for r in records):
             reference = {"energy": np.array([r.energy for r in records])}
-            summary["metrics"] = {"energy": {"mae": float(np.abs(energies - reference["energy"]).mean()),
+            summary["metrics"] = {"energy": {"mae": error_metrics(records, energies, forces)["energy_mae"],
                                              "unit": "eV"}}
     write_predictions_csv(out, records, columns, units, reference)
     print(json.dumps(summary, indent=2, default=float))

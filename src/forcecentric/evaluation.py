@@ -38,17 +38,21 @@ def check_elements(model, records: Sequence[Conformation], file: str | None = No
             raise ElementError(f"{where}: {problem}")
 
 
+def batches(model, records: Sequence[Conformation], batch_size: int):
+    """``records`` collated ``batch_size`` at a time, in the model's device and dtype."""
+    param = next(model.parameters())
+    for start in range(0, len(records), batch_size):
+        yield collate(records[start : start + batch_size]).to(param.device, param.dtype)
+
+
 def predict(model, records: Sequence[Conformation], batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
     """Energies (eV) and forces (eV/A) of ``records`` in the model's device and dtype."""
-    param = next(model.parameters())
     was_training = model.training
     model.eval()
     energies: list[np.ndarray] = []
     forces: list[np.ndarray] = []
     try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            b = collate(chunk).to(param.device, param.dtype)
+        for b in batches(model, records, batch_size):
             out = model(b.z, b.pos, b.batch, b.n_graphs, compute_forces=True)
             energies.append(out["energy"].detach().double().cpu().numpy())
             f = out["forces"].detach().double().cpu().numpy()

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .data.conformation import Conformation
-from .data.dataset import collate, property_values
+from .data.dataset import property_values
 from .errors import ConfigError
+from .evaluation import batches, check_elements, write_json
 from .nn.properties import TARGETS, atom_features
 
 __all__ = [
@@ -43,12 +44,6 @@ def check_targets(names: Sequence[str]) -> list[str]:
     return names
 
 
-def _batches(model, records: Sequence[Conformation], batch_size: int):
-    param = next(model.parameters())
-    for start in range(0, len(records), batch_size):
-        yield collate(records[start : start + batch_size]).to(param.device, param.dtype)
-
-
 @torch.no_grad()
 def fit_priors(model, records: Sequence[Conformation], batch_size: int = 256) -> dict[str, dict]:
     """Fit each target's prior on training ``records`` and set ``model.target_std``.
@@ -72,7 +67,7 @@ def fit_priors(model, records: Sequence[Conformation], batch_size: int = 256) ->
             continue
         X = np.zeros((len(records), len(elements)))
         row = 0
-        for b in _batches(model, records, batch_size):
+        for b in batches(model, records, batch_size):
             phi = atom_features(t.kind, b.z, b.pos, b.batch, b.n_graphs, model.masses).double().cpu().numpy()
             mol = b.batch.cpu().numpy() + row
             cols = np.array([col[int(z)] for z in b.z.cpu().numpy()])
@@ -108,7 +103,7 @@ def predict_properties(model, records: Sequence[Conformation], batch_size: int =
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     try:
-        for b in _batches(model, records, batch_size):
+        for b in batches(model, records, batch_size):
             out = model(b.z, b.pos, b.batch, b.n_graphs, charge=b.charge)
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.double().cpu().numpy())
@@ -147,8 +142,6 @@ def evaluate_properties(
 ) -> dict:
     """Property errors of ``model`` on ``records``; with ``out_dir`` also ``{name}_metrics.json``
     and ``{name}_parity.png``."""
-    from .evaluation import check_elements, write_json
-
     check_elements(model, records, file)
     ref = property_values(records, model.targets, file=file)
     pred = predict_properties(model, records, batch_size)

@@ -42,7 +42,7 @@ from .heads import EnergyHead, ScalarVectorHead
 from .neighbors import radius_graph
 from .priors import EnergyPrior
 
-__all__ = ["Target", "TARGETS", "QM9_TARGETS", "target", "PropertyModel", "atom_features", "dipole_moment"]
+__all__ = ["Target", "TARGETS", "QM9_TARGETS", "target", "PropertyModel", "atom_features", "centered_positions", "dipole_moment"]
 
 _BOHR = float(_units.Bohr)  # Angstrom
 _DEBYE = float(_units.Debye)  # e * Angstrom
@@ -98,7 +98,7 @@ def _atomic_masses(max_z: int) -> Tensor:
     return m
 
 
-def _centered(pos: Tensor, z: Tensor, batch: Tensor, n_graphs: int, masses: Tensor) -> Tensor:
+def centered_positions(pos: Tensor, z: Tensor, batch: Tensor, n_graphs: int, masses: Tensor) -> Tensor:
     """Positions relative to each molecule's centre of mass ``[N, 3]``."""
     m = masses.index_select(0, z).to(pos.dtype)
     total = pos.new_zeros(n_graphs).index_add(0, batch, m)
@@ -109,15 +109,14 @@ def _centered(pos: Tensor, z: Tensor, batch: Tensor, n_graphs: int, masses: Tens
 def dipole_moment(
     q: Tensor,
     m: Tensor,
-    z: Tensor,
-    pos: Tensor,
+    rel: Tensor,
     batch: Tensor,
     n_graphs: int,
-    masses: Tensor,
     charge: Optional[Tensor] = None,
 ) -> Tensor:
     """Molecular dipoles ``[B, 3]`` in Debye from atomic charges ``q [N]`` (e) and atomic dipoles
-    ``m [N, 3]`` (e*Angstrom): ``sum_i q_i (r_i - R) + m_i`` about the centre of mass ``R``.
+    ``m [N, 3]`` (e*Angstrom): ``sum_i q_i (r_i - R) + m_i`` about the centre of mass ``R``, with
+    ``rel = r_i - R`` from :func:`centered_positions`.
 
     The charges are first shifted equally within each molecule so that they add up to the
     molecule's total ``charge`` (0 when ``None``); the dipole of a neutral molecule then does not
@@ -127,8 +126,7 @@ def dipole_moment(
     count = q.new_zeros(n_graphs).index_add(0, batch, torch.ones_like(q))
     want = q.new_zeros(n_graphs) if charge is None else charge.to(q.dtype)
     q = q - ((total - want) / count).index_select(0, batch)
-    rel = _centered(pos, z, batch, n_graphs, masses)
-    return pos.new_zeros(n_graphs, 3).index_add(0, batch, q.unsqueeze(-1) * rel + m) / _DEBYE
+    return rel.new_zeros(n_graphs, 3).index_add(0, batch, q.unsqueeze(-1) * rel + m) / _DEBYE
 
 
 def atom_features(kind: str, z: Tensor, pos: Tensor, batch: Tensor, n_graphs: int, masses: Tensor) -> Tensor:
@@ -141,7 +139,7 @@ def atom_features(kind: str, z: Tensor, pos: Tensor, batch: Tensor, n_graphs: in
         n = pos.new_zeros(n_graphs).index_add(0, batch, pos.new_ones(z.shape[0]))
         return 1.0 / n.index_select(0, batch)
     if kind == "spatial_extent":
-        rel = _centered(pos, z, batch, n_graphs, masses)
+        rel = centered_positions(pos, z, batch, n_graphs, masses)
         return (rel * rel).sum(-1) / _BOHR**2
     return pos.new_zeros(z.shape[0])
 
@@ -180,6 +178,7 @@ class PropertyModel(nn.Module):
             if kind != "dipole":
                 self.priors[name] = EnergyPrior(config.max_z)
         self.register_buffer("masses", _atomic_masses(config.max_z))
+        self._uses_positions = any(TARGETS[n].kind in ("dipole", "spatial_extent", "polarizability") for n in targets)
         # spread of each target on the training set: the loss divides errors by it
         self.register_buffer("target_std", torch.ones(len(targets), dtype=torch.get_default_dtype()))
 
@@ -210,14 +209,15 @@ class PropertyModel(nn.Module):
         if edge_index is None:
             edge_index = radius_graph(pos.detach(), batch, self.cutoff)
         x, vec = self.representation(z, pos, batch, edge_index)
-        rel = _centered(pos, z, batch, n_graphs, self.masses)
+        # positions about the centre of mass: only the dipole, <R^2> and polarizability use them
+        rel = centered_positions(pos, z, batch, n_graphs, self.masses) if self._uses_positions else pos
         out: Dict[str, Tensor] = {}
         for name in self.targets:
             kind = TARGETS[name].kind
             head = self.heads[name]
             if kind == "dipole":
                 q, m = head(x, vec)
-                d = dipole_moment(q, m, z, pos, batch, n_graphs, self.masses, charge)
+                d = dipole_moment(q, m, rel, batch, n_graphs, charge)
                 out["dipole"] = d
                 out[name] = torch.sqrt((d * d).sum(-1) + 1e-12)
                 continue

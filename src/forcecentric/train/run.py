@@ -183,6 +183,11 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
 
 def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train according to ``cfg``; return the final metrics (also written to ``metrics.json``)."""
+    property_task = cfg.task == "property"
+    if property_task:  # before anything is written
+        from ..properties import check_targets, evaluate_properties
+
+        check_targets(cfg.property.targets)
     run_dir = Path(cfg.run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume:
@@ -208,11 +213,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=f".*{msg}")
     t0 = time.time()
 
-    property_task = cfg.task == "property"
-    if property_task:
-        from ..properties import check_targets, evaluate_properties
-
-        check_targets(cfg.property.targets)
     dm = ForceFieldDataModule(cfg.data, seed=cfg.seed, properties=cfg.property.targets if property_task else None)
     dm.setup("fit")
     model = _init_property_model(cfg, dm) if property_task else _init_model(cfg, dm)
