@@ -25,7 +25,7 @@ import yaml
 
 import forcecentric
 from forcecentric.config import load_run_config
-from forcecentric.data.sampling import DistributedShuffleSampler
+from forcecentric.data.sampling import DistributedShuffleSampler, ResumableSampler
 from forcecentric.data.store import WeightedSourceSampler
 from forcecentric.errors import ConfigError, DataError
 
@@ -154,15 +154,17 @@ def test_datamodule_builds_per_rank_samplers(tmp_path):
         dm = module(world, rank, **over)
         return dm, dm.train_dataloader(), dm.val_dataloader()
 
-    # one process: exactly the loaders of before (shuffle with the seeded generator)
+    # one process: a permutation of all 18 drawn from (seed, epoch), so an epoch can be replayed
     dm, train, val = loaders(1, 0)
-    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(train.sampler, ResumableSampler)
+    assert isinstance(train.sampler.base, DistributedShuffleSampler)
+    assert sorted(train.sampler) == list(range(18)) and list(train.sampler) == list(train.sampler)
     assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
     # three processes: disjoint training shares of 18 // 3, validation shards covering all 5
     tr, va = [], []
     for r in range(3):
         dm, train, val = loaders(3, r)
-        assert isinstance(train.sampler, DistributedShuffleSampler) and len(train) == 3  # 6 items, batch 2
+        assert isinstance(train.sampler.base, DistributedShuffleSampler) and len(train) == 3  # 6 items, batch 2
         tr.append(list(train.sampler))
         va.append(list(val.sampler))
     flat = [i for s in tr for i in s]
@@ -170,8 +172,8 @@ def test_datamodule_builds_per_rank_samplers(tmp_path):
     assert sorted(i for s in va for i in s) == list(range(5))
     # weighted sources: the weighted sampler, per rank
     dm, train, _ = loaders(2, 1, source_weights={"morse-test": 1.0})
-    assert isinstance(train.sampler, WeightedSourceSampler) and train.sampler.rank == 1
-    assert train.sampler.num_replicas == 2 and len(train.sampler) == 9
+    assert isinstance(train.sampler.base, WeightedSourceSampler) and train.sampler.base.rank == 1
+    assert train.sampler.base.num_replicas == 2 and len(train.sampler) == 9
     # a validation set smaller than the number of processes would leave a rank without batches
     dm = module(6, 0)
     with pytest.raises(DataError, match="fewer than the 6 processes"):

@@ -220,6 +220,13 @@ class TrainerConfig(_Strict):
     )
     log_every_n_steps: int = Field(10, gt=0)
     check_val_every_n_epoch: int = Field(1, gt=0)
+    checkpoint_every_n_steps: int | None = Field(
+        None, gt=0, description="also write checkpoints/last.ckpt every this many optimizer steps, in the middle "
+        "of epochs, so a killed run loses at most that much (--resume continues the epoch where it stood)"
+    )
+    checkpoint_every_minutes: float | None = Field(
+        None, gt=0, description="the same every this many minutes of training (both may be set)"
+    )
     progress_bar: bool = True
 
     @field_validator("precision", mode="before")

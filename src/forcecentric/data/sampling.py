@@ -16,10 +16,14 @@ padding duplicates of ``torch.utils.data.DistributedSampler``:
 
 Weighted multi-source sampling is :class:`forcecentric.data.store.WeightedSourceSampler`, which
 takes the same ``num_replicas`` / ``rank`` / ``drop_last`` arguments.
+
+Both draw an epoch from ``(seed, epoch)`` alone, so an epoch can be drawn again after a crash;
+:class:`ResumableSampler` then leaves out the part of it a killed run had trained on.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -78,3 +82,43 @@ class DistributedShuffleSampler(torch.utils.data.Sampler[int]):
         if self.drop_last:
             order = order[: self.n - self.n % self.num_replicas]
         return iter(order[self.rank :: self.num_replicas].tolist())
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """A training sampler that can continue an interrupted epoch where it stopped.
+
+    ``base`` must be epoch-deterministic: its order for an epoch depends only on its seed and
+    the epoch (:class:`DistributedShuffleSampler`, ``WeightedSourceSampler``), so the epoch can
+    be drawn again after a restart. :meth:`resume` makes the next pass over ``epoch`` leave out
+    the first ``skip`` indices of this rank: the ones the killed run had already trained on.
+    ``len()`` stays the full epoch's, as Lightning expects of a resumed loader (it counts the
+    batches already done). Any other epoch, and every later pass, is the base order, unchanged.
+    """
+
+    def __init__(self, base: torch.utils.data.Sampler[int]) -> None:
+        if not hasattr(base, "set_epoch"):
+            raise TypeError(f"{type(base).__name__} has no set_epoch: its epochs cannot be replayed")
+        self.base = base
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return int(self.base.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Start at ``epoch``, leaving out its first ``skip`` indices (once)."""
+        self.base.set_epoch(int(epoch))
+        self._resume = (int(epoch), max(0, int(skip)))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.base)
+        pending, self._resume = self._resume, None
+        if pending is not None and pending[0] == self.epoch and pending[1]:
+            return itertools.islice(it, pending[1], None)
+        return it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,8 +13,11 @@ from ..config import DataConfig
 from ..data import read_all
 from ..data.conformation import Conformation
 from ..data.dataset import ConformationDataset, PropertyCollate, collate, property_values
+from ..data.sampling import DistributedShuffleSampler, ResumableSampler
 from ..data.splits import molecule_split, random_split
 from ..errors import ConfigError, DataError
+
+log = logging.getLogger("forcecentric")
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -151,11 +155,12 @@ class ForceFieldDataModule(pl.LightningDataModule):
     the training data, at random or by molecule identity, reproducibly from ``seed``; val and
     test are drawn first, so they do not change with ``n_train``.
 
-    Under DDP (the attached Trainer's ``world_size > 1``) each rank gets its own samplers
-    (:meth:`_distributed_sampler`): a per-epoch split of the training set without repeats (the
-    at most ``world_size - 1`` left over are skipped that epoch), weighted by source when
-    ``source_weights`` is set, and disjoint validation / test shards. One process: the loaders
-    of a plain run (seeded shuffle, or the weighted sampler), unchanged. See docs/distributed.md.
+    The training order of an epoch depends only on ``(seed, epoch)`` (:meth:`_sampler`), so a
+    run killed in the middle of an epoch resumes it where its last checkpoint stood
+    (:meth:`state_dict`). Under DDP (the attached Trainer's ``world_size > 1``) each rank gets
+    its own share of that order without repeats (the at most ``world_size - 1`` left over are
+    skipped that epoch), weighted by source when ``source_weights`` is set, and disjoint
+    validation / test shards. See docs/distributed.md.
     """
 
     def __init__(self, config: DataConfig, seed: int = 0, properties: list[str] | None = None):
@@ -169,6 +174,7 @@ class ForceFieldDataModule(pl.LightningDataModule):
         self.val_set = None
         self.test_set = None
         self.hidden_molecules = 0
+        self._resume_from: dict | None = None  # datamodule state of the checkpoint resumed from
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -227,32 +233,17 @@ class ForceFieldDataModule(pl.LightningDataModule):
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
-    def _loader(self, ds, shuffle: bool, batch_size: int) -> torch.utils.data.DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        sampler = None
-        world, rank = self.world()
-        if world > 1:
-            # DDP: every rank its own share, no padding duplicates (the Trainer runs with
-            # use_distributed_sampler=False, so these samplers are the ones used)
-            sampler = self._distributed_sampler(ds, shuffle, world, rank)
-            shuffle = False
-        elif shuffle and self.config.source_weights:
-            from ..data.store import WeightedSourceSampler
-
-            sampler = WeightedSourceSampler(_sources(ds), self.config.source_weights, len(ds), self.seed)
-            shuffle = False
+    def _loader(self, ds, sampler: torch.utils.data.Sampler | None, batch_size: int) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=self.collate_fn,
-            num_workers=self.config.num_workers, generator=gen,
-            persistent_workers=self.config.num_workers > 0,
+            ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
+            num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0,
         )
 
-    def _distributed_sampler(self, ds, train: bool, world: int, rank: int) -> torch.utils.data.Sampler:
-        """Training: a new split of every epoch between the ranks, the same number of items on
-        each (the at most ``world - 1`` left over are skipped that epoch), weighted by source when
-        ``data.source_weights`` is set. Evaluation: disjoint shards covering every item once."""
-        from ..data.sampling import DistributedShuffleSampler
-
+    def _sampler(self, ds, train: bool, world: int, rank: int) -> torch.utils.data.Sampler:
+        """Training: a new order of every epoch, drawn from ``(seed, epoch)`` alone and split
+        between the ``world`` ranks, the same number of items on each (the at most ``world - 1``
+        left over are skipped that epoch; one process: a permutation of all), weighted by source
+        when ``data.source_weights`` is set. Evaluation: disjoint shards covering every item once."""
         n = len(ds)
         if n < world:
             what = "training" if train else "validation/test"
@@ -270,13 +261,66 @@ class ForceFieldDataModule(pl.LightningDataModule):
         return DistributedShuffleSampler(n, world, rank, self.seed, shuffle=True, drop_last=True)
 
     def train_dataloader(self):
-        return self._loader(self.train_set, True, self.config.batch_size)
+        world, rank = self.world()
+        # every process, DDP or not: the epoch's order depends only on (seed, epoch), so an
+        # interrupted epoch can be drawn again and continued where it stopped (state_dict)
+        sampler = ResumableSampler(self._sampler(self.train_set, True, world, rank))
+        if self._resume_from is not None:
+            self._resume(sampler, self._resume_from, world)
+            self._resume_from = None
+        return self._loader(self.train_set, sampler, self.config.batch_size)
+
+    def _eval_loader(self, ds):
+        world, rank = self.world()
+        # DDP: disjoint shards that cover the set once (the Trainer runs with
+        # use_distributed_sampler=False, so these samplers are the ones used)
+        sampler = self._sampler(ds, False, world, rank) if world > 1 else None
+        return self._loader(ds, sampler, self.config.val_batch_size or self.config.batch_size)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, False, self.config.val_batch_size or self.config.batch_size)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self):
-        return self._loader(self.test_set, False, self.config.val_batch_size or self.config.batch_size)
+        return self._eval_loader(self.test_set)
+
+    # ------------------------------------------------------- mid-epoch resume
+    def state_dict(self) -> dict:
+        """Where the training stands in the current epoch, saved in every Lightning checkpoint:
+        the epoch and how many of its draws (all processes together) have been trained on. A
+        run resumed from a checkpoint written in the middle of an epoch continues that epoch
+        with the conformations it had not yet seen (:meth:`load_state_dict`)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        loop = trainer.fit_loop
+        batches = int(loop.epoch_loop.batch_progress.current.processed)
+        world = int(trainer.world_size)
+        return {"epoch": int(loop.epoch_progress.current.processed), "batches": batches,
+                "batch_size": int(self.config.batch_size), "world_size": world,
+                "position": batches * int(self.config.batch_size) * world, "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_from = dict(state) if state else None
+
+    def _resume(self, sampler: "ResumableSampler", state: dict, world: int) -> None:
+        """Put ``sampler`` where the checkpoint left its epoch: rank r's share of an epoch is
+        every ``world``-th draw of one sequence, so the first ``position`` draws of the sequence
+        are the first ``position / world`` of each rank's share, whatever the number of
+        processes the run is resumed with."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if int(state.get("seed", self.seed)) != self.seed:
+            log.warning("resuming with seed %d, the checkpoint's is %s: the interrupted epoch is drawn "
+                        "in a different order", self.seed, state["seed"])
+        skip = position // world
+        if skip >= len(sampler):  # the checkpoint was written at the end of its epoch
+            sampler.set_epoch(epoch + 1)
+            return
+        if (state.get("world_size"), state.get("batch_size")) != (world, self.config.batch_size):
+            log.warning("resuming epoch %d with %d processes x batch %d (the checkpoint: %s x %s): each "
+                        "process continues after draw %d of its share", epoch, world, self.config.batch_size,
+                        state.get("world_size"), state.get("batch_size"), skip)
+        sampler.resume(epoch, skip)
+        log.info("resuming epoch %d after %d of its %d draws", epoch, position, len(sampler) * world)
 
     def describe(self) -> dict:
         return {

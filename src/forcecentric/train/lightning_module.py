@@ -5,7 +5,6 @@ learning-rate schedule with warm-up and the checkpoint metadata."""
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,12 +44,14 @@ class _TrainingModule(pl.LightningModule):
         """Processes of the run (1 when not attached to a Trainer)."""
         return int(self._trainer.world_size) if self._trainer is not None else 1
 
-    def on_train_start(self) -> None:
-        # DDP: every rank starts from the same seed_everything(seed); give each rank its own
-        # stream for the random numbers of training (the denoising noise), so the ranks do not
-        # draw the same noise for their different conformations. One process: unchanged.
-        if self.world_size > 1:
-            torch.manual_seed(int(np.random.SeedSequence([self.config.seed, self.global_rank]).generate_state(1)[0]))
+    def train_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
+        """The random numbers of one training batch (the denoising noise), seeded from
+        ``(seed, rank, epoch, batch)``: a function of where the run stands, not of what ran
+        before in this process, so a run resumed from a checkpoint draws the noise the
+        uninterrupted run would have drawn, and DDP ranks draw different noise for their
+        different conformations."""
+        key = np.random.SeedSequence([self.config.seed, self.global_rank, self.current_epoch, batch_idx])
+        return torch.Generator(device=device).manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
 
     def _every_parameter(self, loss: torch.Tensor) -> torch.Tensor:
         """Under DDP: ``loss + 0 * sum(parameters)``, so that every trainable parameter gets a
@@ -106,12 +107,13 @@ class _TrainingModule(pl.LightningModule):
             total = max(1, int(self.trainer.estimated_stepping_batches))
             warm = o.warmup_steps
             # with a wall-time budget the cosine follows whichever runs out first, steps or time,
-            # so a time-capped run still ends at min_lr (time counts from this process's start)
+            # so a time-capped run still ends at min_lr. The time is Lightning's Timer's (the one
+            # that enforces max_time): it is saved in checkpoints, so --resume continues the
+            # schedule where it stood instead of restarting the clock
             budget = self.config.trainer.max_time_minutes
-            t_start = time.monotonic()
 
             def factor(step: int) -> float:
-                used = (time.monotonic() - t_start) / (60.0 * budget) if budget else 0.0
+                used = self._train_seconds() / (60.0 * budget) if budget else 0.0
                 if budget and self.world_size > 1:
                     # DDP: rank 0's clock for everyone, so all replicas keep the same learning
                     # rate (and the same weights); every rank steps its scheduler alike
@@ -121,6 +123,13 @@ class _TrainingModule(pl.LightningModule):
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
+
+    def _train_seconds(self) -> float:
+        """Training time so far, earlier runs of a resumed run included (Lightning's Timer)."""
+        from lightning.pytorch.callbacks import Timer
+
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        return timer.time_elapsed("train") if timer is not None else 0.0
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         # linear warm-up on top of whichever schedule is active (as TorchMD-Net does)
@@ -191,7 +200,8 @@ class ForceFieldModule(_TrainingModule):
                      sync_dist=True)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._every_parameter(self._step(batch, "train")["loss"])
+        gen = self.train_generator(batch.pos.device, batch_idx)
+        return self._every_parameter(self._step(batch, "train", gen)["loss"])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # the same noise on every validation pass, so val/denoise is comparable across epochs

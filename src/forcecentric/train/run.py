@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,14 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
         LearningRateMonitor(logging_interval="epoch"),
         LearningCurvePlot(run_dir),
     ]
+    # mid-epoch last.ckpt (the callback above writes it at the end of every validation); the
+    # datamodule's state in it says how far into its epoch the run was
+    if t.checkpoint_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                         every_n_train_steps=t.checkpoint_every_n_steps))
+    if t.checkpoint_every_minutes:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                         train_time_interval=timedelta(minutes=t.checkpoint_every_minutes)))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
                                        strict=False))  # a resumed epoch end has no metrics yet
@@ -208,8 +217,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # expected situations in this workflow, not problems: small datasets, reused run dirs on resume
+    # (the datamodule's state in every checkpoint resumes an interrupted epoch; Lightning, which
+    # looks for that state on the DataLoader only, would warn that it cannot)
     for msg in ("The number of training batches", "Experiment logs directory", "Checkpoint directory",
-                "`isinstance\\(treespec, LeafSpec\\)`", "litlogger"):
+                "`isinstance\\(treespec, LeafSpec\\)`", "litlogger", "You're resuming from a checkpoint that ended"):
         warnings.filterwarnings("ignore", message=f".*{msg}")
     t0 = time.time()
 
