@@ -10,6 +10,9 @@ reading reports the main process and the largest worker. Memory should not grow 
     python benchmarks/store_benchmark.py --sizes 20000 100000
     python benchmarks/store_benchmark.py --sizes 100000 1000000 --read-limit 200000
 
+A third phase reads the store through the training data path (datamodule split, start-of-run
+statistics, the training sampler and loader) and records its set-up time and memory.
+
 Writes ``benchmarks/results/store.json`` (``--out``).
 """
 
@@ -171,6 +174,53 @@ def run_read(path: str, limit: int, batch_size: int, workers: int, cache_mb: flo
     }
 
 
+def run_train_path(path: str, batches: int, batch_size: int, workers: int, world: int) -> dict:
+    """The training data path of ``forcecentric pretrain`` on the store, without the model: the
+    datamodule's split (1,000 validation, 1,000 test, the rest training), the start-of-run
+    statistics sample and description, then ``batches`` batches of rank 0's training loader (an
+    emulated ``world``-process run) with ``workers`` DataLoader workers."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from forcecentric.config import DataConfig
+    from forcecentric.train.datamodule import ForceFieldDataModule, sample_records
+
+    torch.set_num_threads(1)
+    baseline = _rss_kb()
+    cfg = DataConfig(train=[path], n_val=1000, n_test=1000, batch_size=batch_size, num_workers=workers)
+    t = time.perf_counter()
+    dm = ForceFieldDataModule(cfg, seed=0)
+    dm.setup("fit")
+    split_s = time.perf_counter() - t
+    t = time.perf_counter()
+    sample_records(dm.train_set, 20_000, 0)  # what run() reads for normalisation and reference fits
+    dm.describe()
+    stats_s = time.perf_counter() - t
+    rss_setup = _rss_kb()
+    dm.trainer = SimpleNamespace(world_size=world, global_rank=0, num_nodes=1, node_rank=0, local_rank=0)
+    loader = dm.train_dataloader()
+    t = time.perf_counter()
+    seen = 0
+    for k, batch in enumerate(loader):
+        seen += batch.n_graphs
+        if k + 1 >= batches:
+            break
+    elapsed = time.perf_counter() - t
+    del loader
+    return {
+        "train_path_world": world,
+        "train_path_training_conformations": len(dm.train_set),
+        "train_path_split_s": split_s,
+        "train_path_statistics_s": stats_s,
+        "train_path_rss_after_setup_mb": rss_setup / 1024,
+        "train_path_rss_setup_minus_baseline_mb": (rss_setup - baseline) / 1024,
+        "train_path_conformations_per_s": seen / elapsed,
+        "train_path_peak_rss_main_mb": _peak_kb() / 1024,
+        "train_path_peak_rss_worker_mb": _peak_kb(resource.RUSAGE_CHILDREN) / 1024,
+    }
+
+
 def _subprocess(args: list[str], timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve())] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -191,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the stores")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per build or read")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "store.json"))
+    p.add_argument("--train-batches", type=int, default=300,
+                   help="batches read through the training data path (0: skip that phase)")
+    p.add_argument("--train-world", type=int, default=1, help="processes the training-path phase emulates")
+    p.add_argument("--_train", nargs=5, metavar=("DIR", "BATCHES", "BATCH", "WORKERS", "WORLD"), help=argparse.SUPPRESS)
     p.add_argument("--_build", nargs=3, metavar=("N", "DIR", "SHARD"), help=argparse.SUPPRESS)
     p.add_argument("--_read", nargs=5, metavar=("DIR", "LIMIT", "BATCH", "WORKERS", "CACHE"),
                    help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._build:
         print(json.dumps(run_build(int(a._build[0]), a._build[1], int(a._build[2]))))
+        return 0
+    if a._train:
+        print(json.dumps(run_train_path(a._train[0], *map(int, a._train[1:]))))
         return 0
     if a._read:
         print(json.dumps(run_read(a._read[0], int(a._read[1]), int(a._read[2]), int(a._read[3]),
@@ -219,7 +276,16 @@ def main(argv: list[str] | None = None) -> int:
                              str(a.cache_mb)], a.timeout)
             print(f"[{n}] read {r['read_conformations_per_s']:.0f} conf/s, peak RSS main "
                   f"{r['read_peak_rss_main_mb']:.0f} MB / worker {r['read_peak_rss_worker_mb']:.0f} MB", flush=True)
-            results.append({"size": n, **b, **r})
+            tr = {}
+            if a.train_batches:
+                tr = _subprocess(["--_train", str(path), str(a.train_batches), str(a.batch_size), str(a.workers),
+                                  str(a.train_world)], a.timeout)
+                print(f"[{n}] training path: split {tr['train_path_split_s']:.1f} s, statistics "
+                      f"{tr['train_path_statistics_s']:.1f} s, {tr['train_path_conformations_per_s']:.0f} conf/s, "
+                      f"RSS after setup {tr['train_path_rss_after_setup_mb']:.0f} MB, peak main "
+                      f"{tr['train_path_peak_rss_main_mb']:.0f} MB / worker {tr['train_path_peak_rss_worker_mb']:.0f} MB",
+                      flush=True)
+            results.append({"size": n, **b, **r, **tr})
             if not a.keep:
                 shutil.rmtree(path)
     finally:
@@ -242,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                     "torch threads=1; direct_getitem_*: 20k random store[i] in one process",
             "rss": "peak RSS (ru_maxrss) of a fresh process; baseline = RSS after importing torch/h5py; "
                    "read_peak_rss_cache_mb_0_mb is measured before the cached pass",
+            "train_path": "train_path_*: ForceFieldDataModule on the store (1000 val, 1000 test, rest train), "
+                          "run()'s 20k-record statistics sample, then train_batches batches of rank 0's loader "
+                          f"for an emulated {a.train_world}-process run, {a.workers} workers",
         },
         "results": results,
     }

@@ -16,7 +16,7 @@ import yaml
 
 from . import __version__
 from .config import PRESETS_DIR, preset_path
-from .errors import ForceCentricError
+from .errors import ConfigError, ForceCentricError
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -350,6 +350,19 @@ def cmd_build_data(args) -> int:
     return 0
 
 
+def cmd_stage_shards(args) -> int:
+    import os
+
+    from .data.store import stage_node_shards
+
+    node = args.node if args.node is not None else int(os.environ.get("SLURM_NODEID", "-1"))
+    if node < 0:
+        raise ConfigError("stage-shards: give --node (or run it under SLURM, which sets SLURM_NODEID)")
+    report = stage_node_shards(args.stores, args.to, node, args.nodes)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _print_summary(metrics: dict) -> None:
     if metrics.get("global_rank", 0):  # distributed runs: rank 0 reports
         return
@@ -493,6 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing store")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_build_data)
+
+    sp = sub.add_parser("stage-shards", help="copy the store shards one node reads (data.node_local_shards) to its local disk",
+                        description="For multi-node training with data.node_local_shards: node n reads only shard s "
+                        "with s mod NODES = n (shards numbered over the STOREs in the order of data.train). Copies those "
+                        "shards and the manifest to TO/<store name>/ and links the other shards to their originals; "
+                        "run it once per node (srun --ntasks-per-node=1) and point data.train at the copies. "
+                        "Running it again resumes an interrupted copy. See docs/scale.md.", formatter_class=fmt)
+    sp.add_argument("stores", nargs="+", help="the training stores, in the order of data.train")
+    sp.add_argument("--to", required=True, help="node-local directory (e.g. $TMPDIR or /local/scratch)")
+    sp.add_argument("--nodes", type=int, required=True, help="number of nodes (trainer.num_nodes)")
+    sp.add_argument("--node", type=int, default=None, help="this node's number (default: $SLURM_NODEID)")
+    sp.set_defaults(func=cmd_stage_shards)
 
     sp = sub.add_parser("simulate", help="molecular dynamics with a model (NVT Nose-Hoover / Langevin or NVE)",
                         description="Runs MD of one molecule with a model checkpoint through ASE's integrators. "

@@ -165,6 +165,11 @@ class DataConfig(_Strict):
         False, description="stores: leave out (with a warning naming each) shards that are missing, truncated or "
         "corrupted instead of stopping with an error"
     )
+    node_local_shards: bool = Field(
+        False, description="multi-node training from stores: shard s of the training stores (numbered in the order "
+        "of data.train) is read by node s mod num_nodes only, so each node can keep its shards on local disk "
+        "(forcecentric stage-shards); see docs/scale.md"
+    )
 
 
 class OptimConfig(_Strict):

@@ -32,6 +32,12 @@ import torch
 from ..errors import DataError
 
 
+def _ints(indices: np.ndarray) -> Iterator[int]:
+    """Python ints one at a time from an index array: an epoch of 15 M indices as a list would
+    hold ~540 MB per process, the array holds 120 MB."""
+    return map(int, indices)
+
+
 class DistributedShuffleSampler(torch.utils.data.Sampler[int]):
     """Indices ``0..n-1`` split between ``num_replicas`` ranks without duplicates.
 
@@ -81,7 +87,7 @@ class DistributedShuffleSampler(torch.utils.data.Sampler[int]):
         order = self.order()
         if self.drop_last:
             order = order[: self.n - self.n % self.num_replicas]
-        return iter(order[self.rank :: self.num_replicas].tolist())
+        return _ints(order[self.rank :: self.num_replicas])
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):
@@ -122,3 +128,54 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         if pending is not None and pending[0] == self.epoch and pending[1]:
             return itertools.islice(it, pending[1], None)
         return it
+
+
+class NodeLocalSampler(torch.utils.data.Sampler[int]):
+    """Training indices such that every node reads only its own shards of the stores.
+
+    Shard ``s`` (numbered over the training stores, :func:`forcecentric.data.store.node_of_shard`)
+    belongs to node ``s mod num_nodes``. Each epoch, node ``n`` permutes the conformations of its
+    shards (seeded by ``(seed, epoch, n)``) and its ``local_world`` processes take every
+    ``local_world``-th of them, as :class:`DistributedShuffleSampler` does for the whole set.
+    DDP needs the same number of batches on every rank, so each rank takes
+    ``min over nodes (node's conformations) // local_world``; the surplus of the larger nodes
+    (at most about one shard per node when shards are of equal size) is left out of that epoch,
+    a different part each epoch.
+
+    Args:
+        shard_of_item: the shard number of every training item.
+        num_nodes, node: the number of nodes and this process's node.
+        local_world, local_rank: processes per node and this process's rank on its node.
+        seed: random seed.
+    """
+
+    def __init__(self, shard_of_item: np.ndarray, num_nodes: int, node: int, local_world: int = 1,
+                 local_rank: int = 0, seed: int = 0) -> None:
+        if not 0 <= node < num_nodes or not 0 <= local_rank < local_world:
+            raise DataError(f"node {node} of {num_nodes} / local rank {local_rank} of {local_world} is out of range")
+        owner = np.asarray(shard_of_item, dtype=np.int64) % int(num_nodes)
+        counts = np.bincount(owner, minlength=num_nodes)
+        if counts.min() < local_world:
+            empty = [int(k) for k in np.flatnonzero(counts < local_world)]
+            raise DataError(
+                f"data.node_local_shards: node(s) {empty} would get fewer training conformations than their "
+                f"{local_world} processes ({counts.tolist()} per node): the stores have too few shards for "
+                f"{num_nodes} nodes; rebuild them with a smaller shard size, or turn node_local_shards off"
+            )
+        self.items = np.flatnonzero(owner == node).astype(np.int64)
+        self.per_rank = int(counts.min()) // int(local_world)
+        self.counts = counts
+        self.local_world, self.local_rank = int(local_world), int(local_rank)
+        self.node, self.seed = int(node), int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        perm = np.random.default_rng([self.seed, self.epoch, self.node]).permutation(self.items.shape[0])
+        mine = self.items[perm[: self.per_rank * self.local_world]][self.local_rank :: self.local_world]
+        return _ints(mine)

@@ -1120,6 +1120,16 @@ class Store(torch.utils.data.Dataset):
         parts = [self._shard(k).column("equilibrium").astype(bool) for k in range(self.n_shards)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
+    def shard_numbers(self) -> np.ndarray:
+        """Per-record number of its shard in the manifest (``shard_numbers()[i]`` is the
+        position in ``manifest["shards"]`` of the file holding record ``i``; skipped shards keep
+        their numbers out of the count), from the manifest alone: nothing is read."""
+        position = {e["file"]: k for k, e in enumerate(self.manifest["shards"])}
+        numbers = [position[e["file"]] for e in self._entries]
+        counts = [int(e["n_conformations"]) for e in self._entries]
+        dtype = np.uint16 if len(self.manifest["shards"]) < 1 << 16 else np.uint32
+        return np.repeat(np.asarray(numbers, dtype=dtype), counts)
+
     def source_codes(self) -> tuple[np.ndarray, list[str]]:
         """Per-record source as small integer codes into a sorted list of names."""
         names = sorted(self.manifest["statistics"]["sources"])
@@ -1186,6 +1196,66 @@ def _source_labels(data: Any) -> tuple[np.ndarray, list[str]]:
     labels = np.asarray(list(data), dtype=object)
     names, codes = np.unique(labels.astype(str), return_inverse=True) if labels.size else ([], labels)
     return np.asarray(codes, dtype=np.int64), [str(s) for s in names]
+
+
+def node_of_shard(number: int, num_nodes: int) -> int:
+    """The node that reads shard ``number`` (global over the training stores, in the order of
+    ``data.train``) when ``data.node_local_shards`` is on: ``number mod num_nodes``."""
+    return int(number) % int(num_nodes)
+
+
+def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int, num_nodes: int) -> dict:
+    """Make node-local copies of the stores a node reads with ``data.node_local_shards``.
+
+    For each store (in the order of ``data.train``) ``dest/<store name>`` gets the manifest, a
+    copy of every shard this node reads (:func:`node_of_shard`) and a symbolic link to the
+    original of every other shard (read only for the start-of-run statistics and validation).
+    Copies go to a temporary name first and are renamed when complete; a shard already copied
+    with the manifest's size is kept, so an interrupted staging is resumed by running it again.
+    Point ``data.train`` at the staged directories. Returns counts of copied, kept and linked
+    shards and the bytes copied.
+    """
+    import shutil
+
+    dest = Path(dest)
+    node, num_nodes = int(node), int(num_nodes)
+    if num_nodes < 1 or not 0 <= node < num_nodes:
+        raise DataError(f"node {node} is not in 0..{num_nodes - 1}")
+    out = {"copied": 0, "kept": 0, "linked": 0, "bytes_copied": 0, "stores": []}
+    offset = 0
+    names = [Path(s).resolve().name for s in stores]
+    if len(set(names)) != len(names):
+        raise DataError(f"the stores {list(map(str, stores))} do not have distinct directory names")
+    for src in stores:
+        src = Path(src).resolve()
+        manifest = read_manifest(src)
+        target = dest / src.name
+        target.mkdir(parents=True, exist_ok=True)
+        for k, entry in enumerate(manifest["shards"]):
+            final = target / entry["file"]
+            original = src / entry["file"]
+            if node_of_shard(offset + k, num_nodes) != node:
+                if not final.is_symlink():
+                    if final.exists():
+                        final.unlink()
+                    final.symlink_to(original)
+                out["linked"] += 1
+                continue
+            if final.is_file() and not final.is_symlink() and final.stat().st_size == original.stat().st_size:
+                out["kept"] += 1
+                continue
+            if final.is_symlink():
+                final.unlink()
+            tmp = final.with_name(f".{final.name}.part")
+            shutil.copyfile(original, tmp)
+            os.replace(tmp, final)
+            out["copied"] += 1
+            out["bytes_copied"] += final.stat().st_size
+        offset += len(manifest["shards"])
+        shutil.copyfile(src / MANIFEST, target / f".{MANIFEST}.part")
+        os.replace(target / f".{MANIFEST}.part", target / MANIFEST)
+        out["stores"].append(str(target))
+    return out
 
 
 class WeightedSourceSampler(torch.utils.data.Sampler[int]):
@@ -1304,5 +1374,4 @@ class WeightedSourceSampler(torch.utils.data.Sampler[int]):
         return out[:total]
 
     def __iter__(self) -> Iterator[int]:
-        out = self.indices()[self.rank :: self.num_replicas]
-        return iter(out.tolist())
+        return map(int, self.indices()[self.rank :: self.num_replicas])  # no 15 M-int list
