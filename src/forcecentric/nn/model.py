@@ -15,6 +15,25 @@ from .priors import AtomrefLike, EnergyPrior
 __all__ = ["ForceField"]
 
 
+def molecule_inputs(z: Tensor, pos: Tensor, batch: Optional[Tensor], n_graphs: Optional[int],
+                    dtype: torch.dtype) -> Tuple[Tensor, int]:
+    """Checks ``pos`` (shape ``[N, 3]``, the model's ``dtype``) and fills in the defaults of a
+    model's inputs: ``batch`` (one molecule) and ``n_graphs`` (``batch.max() + 1``)."""
+    n_atoms = z.shape[0]
+    if pos.dim() != 2 or pos.shape[0] != n_atoms or pos.shape[1] != 3:
+        raise ValueError(f"pos must have shape [{n_atoms}, 3], got {list(pos.shape)}")
+    if pos.dtype != dtype:
+        raise TypeError(
+            f"pos is {pos.dtype} but the model is {dtype}; cast the positions or convert the model "
+            "(e.g. model.double())"
+        )
+    if batch is None:
+        batch = torch.zeros(n_atoms, dtype=torch.long, device=z.device)
+    if n_graphs is None:
+        n_graphs = int(batch.max()) + 1 if n_atoms > 0 else 1
+    return batch, n_graphs
+
+
 class ForceField(nn.Module):
     """Conservative machine-learned force field (Equivariant Transformer).
 
@@ -102,18 +121,7 @@ class ForceField(nn.Module):
         training mode; otherwise they are detached, so inference holds no graph. Works under
         ``torch.no_grad()`` (grad is enabled locally for the positions only).
         """
-        n_atoms = z.shape[0]
-        if pos.dim() != 2 or pos.shape[0] != n_atoms or pos.shape[1] != 3:
-            raise ValueError(f"pos must have shape [{n_atoms}, 3], got {list(pos.shape)}")
-        if pos.dtype != self.prior.atomref.dtype:
-            raise TypeError(
-                f"pos is {pos.dtype} but the model is {self.prior.atomref.dtype}; cast the "
-                "positions or convert the model (e.g. model.double())"
-            )
-        if batch is None:
-            batch = torch.zeros(n_atoms, dtype=torch.long, device=z.device)
-        if n_graphs is None:
-            n_graphs = int(batch.max()) + 1 if n_atoms > 0 else 1
+        batch, n_graphs = molecule_inputs(z, pos, batch, n_graphs, self.prior.atomref.dtype)
         outer_grad = torch.is_grad_enabled()
         if create_graph is None:
             make_graph = self.training and outer_grad

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig, validate
 from .et import ETRepresentation
 from .heads import EnergyHead, ScalarVectorHead
+from .model import molecule_inputs
 from .neighbors import radius_graph
 from .priors import EnergyPrior
 
@@ -194,18 +195,7 @@ class PropertyModel(nn.Module):
         charge: Optional[Tensor] = None,
         edge_index: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
-        n_atoms = z.shape[0]
-        if pos.dim() != 2 or pos.shape[0] != n_atoms or pos.shape[1] != 3:
-            raise ValueError(f"pos must have shape [{n_atoms}, 3], got {list(pos.shape)}")
-        if pos.dtype != self.masses.dtype:
-            raise TypeError(
-                f"pos is {pos.dtype} but the model is {self.masses.dtype}; cast the positions or "
-                "convert the model (e.g. model.double())"
-            )
-        if batch is None:
-            batch = torch.zeros(n_atoms, dtype=torch.long, device=z.device)
-        if n_graphs is None:
-            n_graphs = int(batch.max()) + 1 if n_atoms > 0 else 1
+        batch, n_graphs = molecule_inputs(z, pos, batch, n_graphs, self.masses.dtype)
         if edge_index is None:
             edge_index = radius_graph(pos.detach(), batch, self.cutoff)
         x, vec = self.representation(z, pos, batch, edge_index)
