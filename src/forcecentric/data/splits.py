@@ -48,11 +48,13 @@ def molecule_split(
 
     ``sizes`` count molecules (or fractions of molecules), not conformations.
     """
-    unique = sorted(set(mol_ids))
+    # vectorised (a 15 M-conformation corpus in seconds): molecule codes in sorted-id order, so
+    # the split is the same as drawing from sorted(set(mol_ids))
+    ids = np.asarray(mol_ids, dtype=object)
+    unique, codes = np.unique(ids, return_inverse=True)
     parts = random_split(len(unique), sizes, seed)
-    which = {}
+    part_of = np.empty(len(unique), dtype=np.int64)
     for k, idx in enumerate(parts):
-        for u in idx:
-            which[unique[u]] = k
-    ids = np.asarray(mol_ids)
-    return [np.flatnonzero([which[m] == k for m in ids]) for k in range(len(parts))]
+        part_of[idx] = k
+    of_record = part_of[codes.reshape(-1)]
+    return [np.flatnonzero(of_record == k) for k in range(len(parts))]
