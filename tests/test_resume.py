@@ -258,3 +258,22 @@ def test_checkpoint_intervals_make_mid_epoch_checkpoint_callbacks(tmp_path, mors
     from forcecentric.config import preset_path
 
     assert load_run_config(preset_path("pretrain"), {}).trainer.checkpoint_every_minutes == 30
+
+
+def test_resume_takes_the_newer_of_last_and_slurm_checkpoints(tmp_path):
+    """SLURM's SIGUSR1 warning makes Lightning save RUN/hpc_ckpt_N.ckpt before the job ends; the
+    resume takes whichever of it and checkpoints/last.ckpt is newer."""
+    from forcecentric.train.run import resume_checkpoint
+
+    assert resume_checkpoint(tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resume_checkpoint(tmp_path) == last
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"y")
+    os.utime(last, ns=(10**18, 10**18))
+    os.utime(hpc, ns=(2 * 10**18, 2 * 10**18))
+    assert resume_checkpoint(tmp_path) == hpc
+    os.utime(last, ns=(3 * 10**18, 3 * 10**18))
+    assert resume_checkpoint(tmp_path) == last

@@ -190,6 +190,14 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
     )
 
 
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the newer of ``checkpoints/last.ckpt`` and the
+    checkpoints Lightning writes as ``hpc_ckpt_N.ckpt`` when SLURM warns a job with SIGUSR1
+    before ending it (``#SBATCH --signal=SIGUSR1@120``); None when the run has neither."""
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train according to ``cfg``; return the final metrics (also written to ``metrics.json``)."""
     property_task = cfg.task == "property"
@@ -198,16 +206,17 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
         check_targets(cfg.property.targets)
     run_dir = Path(cfg.run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = resume_checkpoint(run_dir)
     if resume:
-        if not last.is_file():
-            raise ConfigError(f"--resume: no checkpoint {str(last)!r} to resume from")
+        if last is None:
+            raise ConfigError(f"--resume: no checkpoint {str(run_dir / 'checkpoints' / 'last.ckpt')!r} "
+                              "to resume from")
         saved = run_dir / "config.yaml"
         if saved.is_file():
             old = yaml.safe_load(saved.read_text())
             if old != cfg.model_dump(mode="json"):
                 log.warning("config differs from the one the run started with; using the new one")
-    elif last.is_file():
+    elif last is not None:
         raise ConfigError(
             f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it or "
             "choose another run_dir"
