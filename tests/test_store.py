@@ -438,3 +438,38 @@ def test_writer_checks_and_resume_guards(tmp_path):
     f.write_text("changed")
     with pytest.raises(DataError, match="input changed"):
         build_store([f], tmp_path / "c", reader=_reader(records), progress=False, resume=True)
+
+
+def test_weighted_sampler_over_concatenated_stores_and_files(tmp_path):
+    """The source labels of a training set made of several stores and a data file (a Subset of
+    their ConcatDataset, as the datamodule builds it) come from the stores' index codes and
+    match every record's own source; the weighted sampler keeps the asked shares."""
+    import ase.io
+
+    from forcecentric.data import read_all
+    from forcecentric.data.dataset import ConformationDataset
+    from forcecentric.data.store import _source_labels
+
+    from conftest import morse_frames
+
+    def frames(n, source, seed):
+        out = morse_frames(n, seed=seed)
+        for a in out:
+            a.info["source"] = source
+        return out
+
+    ase.io.write(tmp_path / "a.extxyz", frames(20, "ani", 0), format="extxyz")
+    ase.io.write(tmp_path / "b.extxyz", frames(10, "spice", 1), format="extxyz")
+    ase.io.write(tmp_path / "c.extxyz", frames(10, "md", 2), format="extxyz")
+    build_store([tmp_path / "a.extxyz"], tmp_path / "A", shard_size=7, progress=False)
+    build_store([tmp_path / "b.extxyz"], tmp_path / "B", shard_size=7, progress=False)
+    pool = torch.utils.data.ConcatDataset([Store(tmp_path / "A"), Store(tmp_path / "B"),
+                                           ConformationDataset(read_all(tmp_path / "c.extxyz"))])
+    idx = np.random.default_rng(0).permutation(len(pool))[:33]
+    train = torch.utils.data.Subset(pool, idx)
+    codes, names = _source_labels(train)
+    assert names == ["ani", "md", "spice"]
+    assert [names[k] for k in codes] == [train[i].source for i in range(len(train))]
+    sampler = WeightedSourceSampler(train, {"ani": 1.0, "md": 1.0}, num_samples=40, seed=0)
+    drawn = [names[codes[i]] for i in sampler]
+    assert drawn.count("ani") == drawn.count("md") == 20 and "spice" not in drawn

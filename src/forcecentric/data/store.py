@@ -1185,12 +1185,21 @@ class Store(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------- sampler
 def _source_labels(data: Any) -> tuple[np.ndarray, list[str]]:
-    """Per-item source codes and names for a Store, a Subset of one, a dataset or a name list."""
+    """Per-item source codes and names for a Store, a Subset or ConcatDataset of stores and
+    datasets, a dataset or a name list. Stores answer from their index columns, as small
+    integer codes: no per-item strings, whatever the corpus size."""
     if isinstance(data, Store):
         return data.source_codes()
     if isinstance(data, torch.utils.data.Subset):
         codes, names = _source_labels(data.dataset)
         return codes[np.asarray(data.indices, dtype=np.int64)], names
+    if isinstance(data, torch.utils.data.ConcatDataset):
+        parts = [_source_labels(part) for part in data.datasets]
+        names = sorted({n for _, part_names in parts for n in part_names})
+        lookup = {n: i for i, n in enumerate(names)}
+        merged = [np.asarray([lookup[n] for n in part_names], dtype=np.int64)[codes.astype(np.int64)]
+                  for codes, part_names in parts if len(codes)]
+        return (np.concatenate(merged) if merged else np.zeros(0, dtype=np.int64)), names
     if hasattr(data, "records"):  # ConformationDataset
         data = [r.source for r in data.records]
     labels = np.asarray(list(data), dtype=object)

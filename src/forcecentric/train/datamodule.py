@@ -73,18 +73,6 @@ def _concat(parts: list) -> torch.utils.data.Dataset:
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
-def _sources(ds) -> list[str]:
-    """Source name of every item of a dataset (stores answer from their index, not by reading)."""
-    if isinstance(ds, ConformationDataset):
-        return [r.source for r in ds.records]
-    if isinstance(ds, torch.utils.data.Subset):
-        names = _sources(ds.dataset)
-        return [names[i] for i in ds.indices]
-    if isinstance(ds, torch.utils.data.ConcatDataset):
-        return [n for part in ds.datasets for n in _sources(part)]
-    return [str(s) for s in ds.sources()]
-
-
 def _shard_keys(ds) -> np.ndarray:
     """Shard number of every item, numbered over the stores of ``data.train`` in their order
     (``data.node_local_shards``); a data file read into memory is not sharded (ConfigError)."""
@@ -284,7 +272,7 @@ class ForceFieldDataModule(pl.LightningDataModule):
         if self.config.source_weights:
             from ..data.store import WeightedSourceSampler
 
-            return WeightedSourceSampler(_sources(ds), self.config.source_weights, n, self.seed,
+            return WeightedSourceSampler(ds, self.config.source_weights, n, self.seed,
                                          num_replicas=world, rank=rank, drop_last=True)
         return DistributedShuffleSampler(n, world, rank, self.seed, shuffle=True, drop_last=True)
 
