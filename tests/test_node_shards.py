@@ -111,6 +111,13 @@ def test_stage_shards_copies_the_nodes_shards_and_links_the_rest(tmp_path, capsy
     again = stage_node_shards([a, b], tmp_path / "local", node=1, num_nodes=2)
     assert (again["copied"], again["kept"]) == (1, 2)
     assert Store(tmp_path / "local" / "a")[0].pos.shape[1] == 3
+    # staged before for one node (every shard copied), again for node 1 of 2: the others become links
+    one = stage_node_shards([a], tmp_path / "re", node=0, num_nodes=1)
+    assert (one["copied"], one["linked"]) == (5, 0)
+    two = stage_node_shards([a], tmp_path / "re", node=1, num_nodes=2)
+    assert (two["kept"], two["linked"]) == (2, 3)
+    assert sorted(p.name for p in (tmp_path / "re" / "a").iterdir() if p.is_symlink()) == \
+        sorted(p.name for p in (tmp_path / "local" / "a").iterdir() if p.is_symlink())
     with pytest.raises(DataError, match="node 2"):
         stage_node_shards([a], tmp_path / "x", node=2, num_nodes=2)
     # the command, with the node from SLURM's environment

@@ -1244,9 +1244,9 @@ def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int,
             final = target / entry["file"]
             original = src / entry["file"]
             if node_of_shard(offset + k, num_nodes) != node:
-                if not final.is_symlink():
-                    if final.exists():
-                        final.unlink()
+                if not (final.is_symlink() and final.readlink() == original):
+                    if final.exists() or final.is_symlink():
+                        final.unlink()  # a copy from another node count, or a link to a moved store
                     final.symlink_to(original)
                 out["linked"] += 1
                 continue
