@@ -14,6 +14,8 @@ same steps is recorded too). Modes, all at the same global batch:
 what to use on a CPU node. Run on a quiet machine::
 
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+
+and writes the bars to ``docs/figures/train_throughput.png`` (``--plot-only`` redraws them).
 """
 
 from __future__ import annotations
@@ -113,6 +115,34 @@ def measure(size: str, mode: str, steps: int, global_batch: int, skip: int, tmp:
     }
 
 
+def plot(doc: dict, out_png: str | Path) -> Path:
+    """Bars of conformations/s per mode, one group per model size."""
+    import matplotlib.pyplot as plt
+
+    from forcecentric.plots import _write_png
+
+    sizes = list(dict.fromkeys(r["size"] for r in doc["results"]))
+    modes = list(dict.fromkeys(r["mode"] for r in doc["results"]))
+    labels = {"1proc_2threads": "1 process, 2 threads", "1proc_1thread": "1 process, 1 thread",
+              "2proc_ddp": "2 DDP processes, 1 thread each"}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6))
+    axes = [axes] if len(sizes) == 1 else list(axes)
+    for ax, size in zip(axes, sizes):
+        rows = {r["mode"]: r for r in doc["results"] if r["size"] == size}
+        vals = [rows[m]["conformations_per_s_median"] if m in rows else 0.0 for m in modes]
+        ax.bar(range(len(modes)), vals, color=["C0", "0.6", "C1"][: len(modes)])
+        for k, v in enumerate(vals):
+            ax.text(k, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels([labels.get(m, m) for m in modes], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("training conformations / s (median)")
+        ax.set_title(f"{size} ET, global batch {doc['settings']['global_batch']}")
+        ax.grid(True, axis="y", alpha=0.3)
+    m = doc["machine"]
+    fig.suptitle(f"pretrain throughput, {m.get('gpu') or m['cpu']} ({m['usable_cores']} cores)", fontsize=9)
+    return _write_png(fig, Path(out_png))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -130,9 +160,14 @@ def main() -> None:
                     help="cpu, or gpu: then the modes mean 1 GPU / 2 GPUs (NCCL); the thread counts only "
                     "limit the host side")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "figures" / "train_throughput.png"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw --plot from the JSON in --out")
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.plot_only:
+        print("wrote", plot(json.loads(Path(args.out).read_text()), args.plot))
         return
 
     from forcecentric.provenance import machine_info
@@ -163,7 +198,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print("wrote", args.out)
+    print("wrote", args.out, plot(out, args.plot))
 
 
 if __name__ == "__main__":

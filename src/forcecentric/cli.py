@@ -358,7 +358,7 @@ def cmd_stage_shards(args) -> int:
     node = args.node if args.node is not None else int(os.environ.get("SLURM_NODEID", "-1"))
     if node < 0:
         raise ConfigError("stage-shards: give --node (or run it under SLURM, which sets SLURM_NODEID)")
-    report = stage_node_shards(args.stores, args.to, node, args.nodes)
+    report = stage_node_shards(args.stores, args.to, node, args.nodes, progress=not args.no_progress)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -517,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, help="node-local directory (e.g. $TMPDIR or /local/scratch)")
     sp.add_argument("--nodes", type=int, required=True, help="number of nodes (trainer.num_nodes)")
     sp.add_argument("--node", type=int, default=None, help="this node's number (default: $SLURM_NODEID)")
+    sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_stage_shards)
 
     sp = sub.add_parser("simulate", help="molecular dynamics with a model (NVT Nose-Hoover / Langevin or NVE)",

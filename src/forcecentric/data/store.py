@@ -1213,7 +1213,8 @@ def node_of_shard(number: int, num_nodes: int) -> int:
     return int(number) % int(num_nodes)
 
 
-def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int, num_nodes: int) -> dict:
+def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int, num_nodes: int,
+                      progress: bool = False) -> dict:
     """Make node-local copies of the stores a node reads with ``data.node_local_shards``.
 
     For each store (in the order of ``data.train``) ``dest/<store name>`` gets the manifest, a
@@ -1222,9 +1223,11 @@ def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int,
     Copies go to a temporary name first and are renamed when complete; a shard already copied
     with the manifest's size is kept, so an interrupted staging is resumed by running it again.
     Point ``data.train`` at the staged directories. Returns counts of copied, kept and linked
-    shards and the bytes copied.
+    shards and the bytes copied. ``progress`` shows a bar of the bytes copied.
     """
     import shutil
+
+    from tqdm.auto import tqdm
 
     dest = Path(dest)
     node, num_nodes = int(node), int(num_nodes)
@@ -1235,6 +1238,7 @@ def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int,
     names = [Path(s).resolve().name for s in stores]
     if len(set(names)) != len(names):
         raise DataError(f"the stores {list(map(str, stores))} do not have distinct directory names")
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"staging node {node}'s shards", disable=not progress)
     for src in stores:
         src = Path(src).resolve()
         manifest = read_manifest(src)
@@ -1256,14 +1260,18 @@ def stage_node_shards(stores: Sequence[str | Path], dest: str | Path, node: int,
             if final.is_symlink():
                 final.unlink()
             tmp = final.with_name(f".{final.name}.part")
+            size = original.stat().st_size
+            bar.total += size
             shutil.copyfile(original, tmp)
             os.replace(tmp, final)
+            bar.update(size)
             out["copied"] += 1
-            out["bytes_copied"] += final.stat().st_size
+            out["bytes_copied"] += size
         offset += len(manifest["shards"])
         shutil.copyfile(src / MANIFEST, target / f".{MANIFEST}.part")
         os.replace(target / f".{MANIFEST}.part", target / MANIFEST)
         out["stores"].append(str(target))
+    bar.close()
     return out
 
 
