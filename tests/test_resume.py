@@ -277,3 +277,22 @@ def test_resume_takes_the_newer_of_last_and_slurm_checkpoints(tmp_path):
     assert resume_checkpoint(tmp_path) == hpc
     os.utime(last, ns=(3 * 10**18, 3 * 10**18))
     assert resume_checkpoint(tmp_path) == last
+
+
+def test_resume_warns_only_about_real_config_changes(tmp_path, morse_file, caplog):
+    """A run started before a config key existed resumes without a spurious 'config differs';
+    a real change is named."""
+    import logging
+
+    cfg = _config(tmp_path, morse_file, tmp_path / "run", **{"trainer.max_epochs": 1,
+                                                               "trainer.checkpoint_every_n_steps": None})
+    run_module.run(cfg)
+    saved = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["trainer"]["checkpoint_every_n_steps"], old["data"]["node_local_shards"]  # keys added since
+    saved.write_text(yaml.safe_dump(old))
+    with caplog.at_level(logging.WARNING, logger="forcecentric"):
+        run_module.run(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_epochs": 2})}),
+                       resume=True)
+    differs = [r.getMessage() for r in caplog.records if "config differs" in r.getMessage()]
+    assert differs == ["config differs from the one the run started with in trainer.max_epochs; using the new one"]

@@ -190,6 +190,16 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
     )
 
 
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint ``--resume`` continues from: the newer of ``checkpoints/last.ckpt`` and the
     checkpoints Lightning writes as ``hpc_ckpt_N.ckpt`` when SLURM warns a job with SIGUSR1
@@ -214,8 +224,15 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         saved = run_dir / "config.yaml"
         if saved.is_file():
             old = yaml.safe_load(saved.read_text())
-            if old != cfg.model_dump(mode="json"):
-                log.warning("config differs from the one the run started with; using the new one")
+            try:  # with today's defaults filled in: keys added since the run started are no change
+                old = RunConfig.model_validate(old).model_dump(mode="json")
+            except Exception:  # noqa: BLE001 - a key since removed: compare as written
+                pass
+            new = cfg.model_dump(mode="json")
+            if old != new:
+                changed = sorted(_changed_keys(old, new))
+                log.warning("config differs from the one the run started with in %s; using the new one",
+                            ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""))
     elif last is not None:
         raise ConfigError(
             f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it or "
