@@ -248,6 +248,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     for msg in ("The number of training batches", "Experiment logs directory", "Checkpoint directory",
                 "`isinstance\\(treespec, LeafSpec\\)`", "litlogger", "You're resuming from a checkpoint that ended"):
         warnings.filterwarnings("ignore", message=f".*{msg}")
+    if resume:  # the epoch end a checkpoint was written at has no validation metrics in the new process
+        warnings.filterwarnings("ignore", message=r".*ModelCheckpoint\(monitor='val/loss'\)` could not find")
     t0 = time.time()
 
     dm = ForceFieldDataModule(cfg.data, seed=cfg.seed, properties=cfg.property.targets if property_task else None)
