@@ -42,9 +42,12 @@ class Probe(pl.Callback):
                                  "batch": [round(float(x), 4) for x in sums]}) + "\n")
 
 
+_TRAINER = run_module._trainer  # the unwrapped one, so probes installed one after the other do not stack
+
+
 def with_probe(probe: Probe):
-    """``run_module.run`` with ``probe`` added to the Trainer's callbacks."""
-    original = run_module._trainer
+    """``run_module._trainer`` with ``probe`` added to the Trainer's callbacks."""
+    original = _TRAINER
 
     def trainer(cfg, run_dir):
         t = original(cfg, run_dir)
@@ -296,3 +299,30 @@ def test_resume_warns_only_about_real_config_changes(tmp_path, morse_file, caplo
                        resume=True)
     differs = [r.getMessage() for r in caplog.records if "config differs" in r.getMessage()]
     assert differs == ["config differs from the one the run started with in trainer.max_epochs; using the new one"]
+
+
+def test_sigkill_mid_epoch_resumes_exactly_with_gradient_accumulation(tmp_path, morse_file, monkeypatch):
+    """Two batches per optimizer step, a checkpoint after every step: the kill lands after step 5
+    (epoch 1, 4 of its 6 batches); the resumed batches and final weights are the reference's."""
+    over = {"trainer.accumulate_grad_batches": 2, "trainer.checkpoint_every_n_steps": 1}
+    monkeypatch.setattr(run_module, "_trainer", with_probe(Probe(tmp_path / "ref.jsonl")))
+    run_module.run(_config(tmp_path, morse_file, tmp_path / "ref", **over))
+    cfg = _config(tmp_path, morse_file, tmp_path / "killed", **over)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    script = KILLER.format(tests=str(TESTS), cfg=str(tmp_path / "cfg.yaml"), log=str(tmp_path / "killed.jsonl"),
+                           kill_at=5, resume=False)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ck = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (ck["epoch"], ck["global_step"], ck["ForceFieldDataModule"]["batches"]) == (1, 5, 4)
+    monkeypatch.setattr(run_module, "_trainer", with_probe(Probe(tmp_path / "resumed.jsonl")))
+    run_module.run(cfg, resume=True)
+    reference, killed = _steps(tmp_path / "ref.jsonl"), _steps(tmp_path / "killed.jsonl")
+    resumed = _steps(tmp_path / "resumed.jsonl")
+    assert len(reference) == 18 and len(killed) == 10 and len(resumed) == 8
+    assert killed + resumed == reference
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
+    for key in ("state_dict", "current_model_state"):
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
