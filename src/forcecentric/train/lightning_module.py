@@ -76,13 +76,19 @@ class _TrainingModule(pl.LightningModule):
         all ranks. One process: the integer, as before."""
         return float(count) if self.world_size > 1 else int(count)
 
-    def _log_train(self, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False) -> None:
-        """``train/NAME_step`` (this rank's value, every step, no communication) and
-        ``train/NAME_epoch`` (the mean over the epoch's batches of all ranks, weighted by batch
-        size, reduced across ranks once at the end of the epoch)."""
-        self.log(f"train/{name}_step", value, batch_size=batch_size, prog_bar=prog_bar, on_step=True, on_epoch=False)
-        self.log(f"train/{name}_epoch", value, batch_size=self._weight(batch_size), prog_bar=prog_bar,
-                 on_step=False, on_epoch=True, sync_dist=True)
+    def _log_term(self, stage: str, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False) -> None:
+        """Log one loss term. Training: ``train/NAME_step`` (this rank's value, every step, no
+        communication) and ``train/NAME_epoch`` (the mean over the epoch's batches of all ranks,
+        weighted by batch size, reduced across ranks once at the end of the epoch). Validation:
+        ``val/NAME``, the epoch mean reduced across ranks."""
+        if stage == "train":
+            self.log(f"train/{name}_step", value, batch_size=batch_size, prog_bar=prog_bar, on_step=True,
+                     on_epoch=False)
+            self.log(f"train/{name}_epoch", value, batch_size=self._weight(batch_size), prog_bar=prog_bar,
+                     on_step=False, on_epoch=True, sync_dist=True)
+        else:
+            self.log(f"{stage}/{name}", value, batch_size=self._weight(batch_size), prog_bar=prog_bar,
+                     on_epoch=True, sync_dist=True)
 
     def _check_finite(self, terms: dict[str, torch.Tensor], stage: str) -> None:
         if not torch.isfinite(terms["loss"]):
@@ -170,11 +176,7 @@ class ForceFieldModule(_TrainingModule):
         self._check_finite(terms, stage)
         n = batch.n_graphs
         for name, value in terms.items():
-            if stage == "train":
-                self._log_train(name, value.detach(), n, prog_bar=name == "loss")
-            else:
-                self.log(f"{stage}/{name}", value.detach(), batch_size=self._weight(n), prog_bar=name == "loss",
-                         on_epoch=True, sync_dist=True)
+            self._log_term(stage, name, value.detach(), n, prog_bar=name == "loss")
         if stage != "train":
             self._log_mae(out, views, stage, n)
         return terms
@@ -234,13 +236,8 @@ class PropertyModule(_TrainingModule):
         terms = {"loss": loss}
         self._check_finite(terms, stage)
         n = b.n_graphs
-        train = stage == "train"
-        if train:
-            self._log_train("loss", loss.detach(), n, prog_bar=True)
-        else:
-            self.log(f"{stage}/loss", loss.detach(), batch_size=self._weight(n), prog_bar=True, on_epoch=True,
-                     sync_dist=True)
-        if not train:
+        self._log_term(stage, "loss", loss.detach(), n, prog_bar=True)
+        if stage != "train":
             for k, name in enumerate(names):
                 mae = (pred[:, k] - y[:, k]).abs().mean() * TARGETS[name].report_factor
                 self.log(f"{stage}/{name}_mae", mae, batch_size=self._weight(n), sync_dist=True)
