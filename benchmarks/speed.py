@@ -7,7 +7,8 @@ Energy + forces of real molecules of growing size (ethanol 9 atoms, aspirin 21, 
 deca-alanine peptide 103, a 1,029-atom water cluster; RDKit / ASE geometries), for
 
 * this project's ET at the paper-like size (F=128, 6 layers, 8 heads, 32 RBFs, cutoff 5 Å) and the
-  pre-training size (F=64, 3 layers), eager and ``torch.compile``-d;
+  pre-training size (F=64, 3 layers): eager, ``torch.compile``-d, and through the fused C++ CPU
+  kernels (``forcecentric.nn.kernels``);
 * MACE, NequIP and TorchMD-Net's ET (``benchmarks/speed_peers.py``), each in its own virtual
   environment (their e3nn pins conflict): ``bash benchmarks/speed_envs.sh`` makes them under
   ``benchmarks/.venvs/``; ``--python NAME=PATH`` or the environment variables
@@ -264,7 +265,8 @@ def plot(rows: list[dict], out_png: Path, size: str = "paper") -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="forcecentric-et,torchmd-net-et,mace,nequip")
-    p.add_argument("--variants", default="eager,compiled", help="of our ET")
+    p.add_argument("--variants", default="eager,compiled,fused",
+                   help="of our ET: eager, compiled (torch.compile), fused (the C++ CPU kernels)")
     p.add_argument("--sizes", default="paper,demo")
     p.add_argument("--python", action="append", metavar="NAME=PATH", help="interpreter of a peer's venv")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

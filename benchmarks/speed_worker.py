@@ -48,7 +48,9 @@ class Ours:
         self.num_parameters = model.num_parameters()
         self.settings = {**SIZES[size], "variant": variant, "forcecentric": forcecentric.__version__,
                          "neighbour_list": "forcecentric radius_graph (dense below 64 atoms, vesin above)"}
-        self._single = forcecentric.Calculator(model, device=device, dtype=dtype, skin=0.0, compile=variant == "compiled")
+        self._fused = variant == "fused"
+        self._single = forcecentric.Calculator(model, device=device, dtype=dtype, skin=0.0,
+                                               compile=variant == "compiled", fused=self._fused)
         self._md_model = self._single.model
         self._device, self._dtype = device, dtype
 
@@ -67,7 +69,8 @@ class Ours:
     def calculator(self):
         import forcecentric
 
-        return forcecentric.Calculator(self._md_model, device=self._device, dtype=self._dtype, skin=0.5)
+        return forcecentric.Calculator(self._md_model, device=self._device, dtype=self._dtype, skin=0.5,
+                                       fused=self._fused)
 
 
 def generic_calculator(peer):
@@ -181,7 +184,7 @@ def md_rate(model, z, pos, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=["forcecentric-et", "mace", "nequip", "torchmd-net-et"])
-    p.add_argument("--variant", default="eager", choices=["eager", "compiled"])
+    p.add_argument("--variant", default="eager", choices=["eager", "compiled", "fused"])
     p.add_argument("--size", default="paper", choices=list(SIZES))
     p.add_argument("--molecules", required=True)
     p.add_argument("--device", default="cpu")

@@ -305,7 +305,7 @@ def test_create_graph_allows_force_loss_backward():
     assert missing == ["energy_head.block2.update_net.2.bias"], missing
     grads = {n: g for n, g in grads.items() if g is not None}
     assert all(torch.isfinite(g).all() for g in grads.values())
-    assert grads["representation.layers.0.q_proj.weight"].abs().sum() > 0
+    assert grads["representation.layers.0.qkv_proj.weight"].abs().sum() > 0
     assert grads["energy_head.block1.vec1_proj.weight"].abs().sum() > 0
     assert grads["representation.distance_expansion.means"].abs().sum() > 0
 

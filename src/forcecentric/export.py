@@ -93,6 +93,7 @@ def export(model, out: str | Path, dtype: str | torch.dtype = "float32") -> Path
         if compiled is not None:
             model.__dict__["_atom_energy"] = compiled
     model = eager.to(device="cpu", dtype=dt).eval()
+    model.representation.fused = False  # the fused kernels are Python-side: not in TorchScript
     meta = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,

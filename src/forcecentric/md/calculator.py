@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +18,18 @@ from ..evaluation import unknown_elements
 from ..nn.neighbors import VerletList, radius_graph
 
 
+_fused_warned = False
+
+
+def _warn_fused_unavailable(exc: Exception) -> None:
+    global _fused_warned
+    if not _fused_warned:
+        _fused_warned = True
+        warnings.warn(f"fused CPU kernels unavailable, using the eager model: {exc}", RuntimeWarning, stacklevel=3)
+
+
 class Calculator(_AseCalculator):
-    """``forcecentric.Calculator(model, device="cpu", dtype="float32", skin=0.5, compile=False)``.
+    """``forcecentric.Calculator(model, device="cpu", dtype="float32", skin=0.5, compile=False, fused="auto")``.
 
     ``model`` is a checkpoint, a frozen artifact from ``forcecentric export`` or a model object.
     Works with ASE's optimizers and molecular dynamics. Structures are treated as isolated
@@ -32,6 +44,11 @@ class Calculator(_AseCalculator):
       place when a model object is passed; the first call compiles, which takes a while; on a
       CPU it pays off for the smallest molecules and the largest systems only, see
       docs/results.md);
+    * ``fused``: on a CPU, the message passing runs through fused C++ kernels
+      (:mod:`forcecentric.nn.kernels`, built with the system's C++ compiler on first use, about
+      half a minute, then cached). ``"auto"`` (default) uses them when the device is a CPU and
+      they build, and otherwise warns once and stays eager; ``True`` requires them; ``False`` is
+      the eager path. Ignored with ``compile=True`` (the compiled graph is used instead);
     * :meth:`predict` evaluates many structures in batches of ``batch_size`` model calls.
 
     Inference keeps no autograd graph beyond the forces.
@@ -40,7 +57,7 @@ class Calculator(_AseCalculator):
     implemented_properties = ["energy", "free_energy", "forces"]
 
     def __init__(self, model, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                 skin: float = 0.5, compile: bool = False, **kwargs):
+                 skin: float = 0.5, compile: bool = False, fused: bool | str = "auto", **kwargs):
         super().__init__(**kwargs)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -61,8 +78,26 @@ class Calculator(_AseCalculator):
                 raise ValueError(f"compile=True needs a checkpoint's model, not {type(self.model).__name__} "
                                  f"({self.source!r}); an exported artifact is already frozen")
             self.model.compile_inference()
+        elif hasattr(self.model, "use_fused_kernels"):
+            self._set_fused(fused)
         self.elements = set(getattr(model, "elements", []) or [])
         self.neighbors = VerletList(self.model.cutoff, skin=skin)
+
+    def _set_fused(self, fused: bool | str) -> None:
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        if fused is False or (fused == "auto" and self.device.type != "cpu"):
+            self.model.use_fused_kernels(False)
+            return
+        if fused is True and self.device.type != "cpu":
+            raise ValueError(f"fused=True needs device='cpu' (the kernels are CPU kernels), got {self.device}")
+        try:
+            self.model.use_fused_kernels(True)
+        except RuntimeError as exc:
+            if fused is True:
+                raise
+            _warn_fused_unavailable(exc)
+            self.model.use_fused_kernels(False)
 
     def _check(self, atoms) -> None:
         problem = unknown_elements(self.elements, atoms.numbers)

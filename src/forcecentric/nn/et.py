@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .kernels import MessageGraph, et_message
 from .neighbors import radius_graph
 
 __all__ = [
@@ -161,27 +162,56 @@ class EquivariantAttention(nn.Module):
         self.layernorm = nn.LayerNorm(hidden_channels)
         self.act = activation(activation_name)
         self.attn_act = activation(attn_activation_name)
-        self.q_proj = nn.Linear(hidden_channels, hidden_channels)
-        self.k_proj = nn.Linear(hidden_channels, hidden_channels)
-        self.v_proj = nn.Linear(hidden_channels, 3 * hidden_channels)
+        self.attn_activation_name = attn_activation_name
+        # query | key | value in one matrix (rows [F | F | 3F]) and the key | value distance
+        # filters in another ([F | 3F]): one GEMM each instead of three and two
+        self.qkv_proj = nn.Linear(hidden_channels, 5 * hidden_channels)
         self.o_proj = nn.Linear(hidden_channels, 3 * hidden_channels)
         self.vec_proj = nn.Linear(hidden_channels, 3 * hidden_channels, bias=False)
-        self.dk_proj = nn.Linear(num_rbf, hidden_channels)
-        self.dv_proj = nn.Linear(num_rbf, 3 * hidden_channels)
+        self.filter_proj = nn.Linear(num_rbf, 4 * hidden_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Xavier-uniform weights per block (q, k, v, o, vec, dk, dv: the reference ET's separate
+        projections, in its order) and zero biases."""
+        f = self.hidden_channels
         self.layernorm.reset_parameters()
-        for lin in (
-            self.q_proj,
-            self.k_proj,
-            self.v_proj,
-            self.o_proj,
-            self.vec_proj,
-            self.dk_proj,
-            self.dv_proj,
-        ):
-            _xavier(lin)
+        with torch.no_grad():
+            for w in torch.split(self.qkv_proj.weight, [f, f, 3 * f]):
+                nn.init.xavier_uniform_(w)
+            self.qkv_proj.bias.zero_()
+            _xavier(self.o_proj)
+            _xavier(self.vec_proj)
+            for w in torch.split(self.filter_proj.weight, [f, 3 * f]):
+                nn.init.xavier_uniform_(w)
+            self.filter_proj.bias.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the projections were fused hold q/k/v_proj and dk/dv_proj
+        for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("filter_proj", ("dk_proj", "dv_proj"))):
+            for kind in ("weight", "bias"):
+                keys = [f"{prefix}{part}.{kind}" for part in parts]
+                if all(k in state_dict for k in keys):
+                    state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _project(self, x: Tensor, vec: Tensor, rbf: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-atom projections ``qkv [N, 5F]`` (q | k | v), ``vec3 [N, 3, F]``, the invariant
+        ``vec_dot [N, F]``, and the activated distance filters ``[E, 4F]`` (dk | dv)."""
+        f = self.hidden_channels
+        qkv = self.qkv_proj(self.layernorm(x))
+        vec1, vec2, vec3 = torch.split(self.vec_proj(vec), f, dim=-1)
+        vec_dot = (vec1 * vec2).sum(dim=1)  # [N, F], invariant
+        filt = self.act(self.filter_proj(rbf))
+        return qkv, vec3, vec_dot, filt
+
+    def _update(
+        self, x_agg: Tensor, vec_agg: Tensor, vec3: Tensor, vec_dot: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        o1, o2, o3 = torch.split(self.o_proj(x_agg), self.hidden_channels, dim=-1)
+        dx = vec_dot * o2 + o3
+        dvec = vec3 * o1.unsqueeze(1) + vec_agg
+        return dx, dvec
 
     def forward(
         self,
@@ -197,15 +227,14 @@ class EquivariantAttention(nn.Module):
         radial basis ``rbf [E, K]`` and unit vector ``unit [E, 3]`` from ``i`` towards ``j``."""
         n = x.shape[0]
         h, d, f = self.num_heads, self.head_dim, self.hidden_channels
-        x = self.layernorm(x)
-        q = self.q_proj(x).reshape(n, h, d)
-        k = self.k_proj(x).reshape(n, h, d)
-        v = self.v_proj(x).reshape(n, h, 3 * d)
-        vec1, vec2, vec3 = torch.split(self.vec_proj(vec), f, dim=-1)
-        vec_dot = (vec1 * vec2).sum(dim=1)  # [N, F], invariant
-
-        dk = self.act(self.dk_proj(rbf)).reshape(-1, h, d)
-        dv = self.act(self.dv_proj(rbf)).reshape(-1, h, 3 * d)
+        qkv, vec3, vec_dot, filt = self._project(x, vec, rbf)
+        q, k, v = torch.split(qkv, [f, f, 3 * f], dim=-1)
+        q = q.reshape(n, h, d)
+        k = k.reshape(n, h, d)
+        v = v.reshape(n, h, 3 * d)
+        dk, dv = torch.split(filt, [f, 3 * f], dim=-1)
+        dk = dk.reshape(-1, h, d)
+        dv = dv.reshape(-1, h, 3 * d)
 
         # --- messages j -> i
         attn = (q.index_select(0, idx_i) * k.index_select(0, idx_j) * dk).sum(dim=-1)
@@ -225,12 +254,20 @@ class EquivariantAttention(nn.Module):
         # (in the messages' dtype: under bf16 autocast it may differ from x's and vec's)
         x_agg = x_msg.new_zeros(n, h, d).index_add(0, idx_i, x_msg).reshape(n, f)
         vec_agg = vec_msg.new_zeros(n, 3, h, d).index_add(0, idx_i, vec_msg).reshape(n, 3, f)
+        return self._update(x_agg, vec_agg, vec3, vec_dot)
 
-        # --- update
-        o1, o2, o3 = torch.split(self.o_proj(x_agg), f, dim=-1)
-        dx = vec_dot * o2 + o3
-        dvec = vec3 * o1.unsqueeze(1) + vec_agg
-        return dx, dvec
+    @torch.jit.unused
+    def forward_fused(
+        self, x: Tensor, vec: Tensor, graph: MessageGraph, cut: Tensor, rbf: Tensor, unit: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` through the fused CPU kernel (:mod:`forcecentric.nn.kernels`); the
+        edge tensors are in ``graph``'s receiver order."""
+        qkv, vec3, vec_dot, filt = self._project(x, vec, rbf)
+        x_agg, vec_agg = et_message(
+            qkv, vec, filt, cut, unit, graph, self.num_heads, self.attn_activation_name,
+            self.vector_cutoff,
+        )
+        return self._update(x_agg, vec_agg, vec3, vec_dot)
 
 
 class ETRepresentation(nn.Module):
@@ -265,6 +302,10 @@ class ETRepresentation(nn.Module):
             ]
         )
         self.out_norm = nn.LayerNorm(f)
+        #: run the layers' message passing through the fused CPU kernel (inference on CPU,
+        #: float32/float64; other devices and dtypes take the eager path). Set it with
+        #: :meth:`forcecentric.nn.ForceField.use_fused_kernels`.
+        self.fused = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -313,9 +354,42 @@ class ETRepresentation(nn.Module):
             x = self.neighbor_embedding(z, x, idx_i, idx_j, r, att_rbf[:n_edges])
 
         vec = x.new_zeros(n, 3, self.hidden_channels)
+        if self.fused and not torch.jit.is_scripting() and self._fused_applies(x):
+            x, vec = self._layers_fused(x, vec, att_i, att_j, att_cut, att_rbf, att_unit)
+        else:
+            for layer in self.layers:
+                dx, dvec = layer(x, vec, att_i, att_j, att_cut, att_rbf, att_unit)
+                x = x + dx
+                vec = vec + dvec
+        x = self.out_norm(x)
+        return x, vec
+
+    @torch.jit.unused
+    def _fused_applies(self, x: Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        )
+
+    @torch.jit.unused
+    def _layers_fused(
+        self,
+        x: Tensor,
+        vec: Tensor,
+        att_i: Tensor,
+        att_j: Tensor,
+        att_cut: Tensor,
+        att_rbf: Tensor,
+        att_unit: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        graph = MessageGraph.build(att_i, att_j, x.shape[0])
+        cut = att_cut.index_select(0, graph.perm)
+        rbf = att_rbf.index_select(0, graph.perm)
+        unit = att_unit.index_select(0, graph.perm)
         for layer in self.layers:
-            dx, dvec = layer(x, vec, att_i, att_j, att_cut, att_rbf, att_unit)
+            dx, dvec = layer.forward_fused(x, vec, graph, cut, rbf, unit)
             x = x + dx
             vec = vec + dvec
-        x = self.out_norm(x)
         return x, vec

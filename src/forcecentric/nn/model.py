@@ -168,6 +168,25 @@ class ForceField(nn.Module):
         return self
 
     @torch.jit.unused
+    def use_fused_kernels(self, enabled: bool = True) -> "ForceField":
+        """Run the message passing of CPU inference through the fused C++ kernels of
+        :mod:`forcecentric.nn.kernels` (compiled on first use; raises ``RuntimeError`` naming the
+        cause when they cannot be built). Energies and forces equal the eager path's to float
+        rounding. Other devices, autocast and ``torch.compile`` take the eager path; training
+        forces (``create_graph``) are refused while enabled: call ``use_fused_kernels(False)``."""
+        if enabled:
+            from .kernels import load_extension
+
+            load_extension()
+        self.representation.fused = bool(enabled)
+        return self
+
+    @property
+    @torch.jit.unused
+    def uses_fused_kernels(self) -> bool:
+        return bool(self.representation.fused)
+
+    @torch.jit.unused
     def disable_compile(self) -> "ForceField":
         """Back to the eager energy (see :meth:`compile_inference`)."""
         self.__dict__.pop("_atom_energy", None)
@@ -202,6 +221,11 @@ class ForceField(nn.Module):
                     False,
                     False,
                 )
+        if make_graph and self.representation.fused:
+            raise RuntimeError(
+                "this model runs the fused inference kernels (use_fused_kernels); forces with "
+                "create_graph (training) need the eager model: call model.use_fused_kernels(False) first"
+            )
         if make_graph and self.is_compiled:
             raise RuntimeError(
                 "this model is compiled for inference (compile_inference); forces with create_graph "

@@ -1,0 +1,179 @@
+"""Fused CPU kernels for the Equivariant Transformer's message passing (inference fast path).
+
+The eager ET spends its time on many small per-edge tensor operations: on a CPU, per-operation
+overhead for small molecules and memory traffic for large ones (every multiply of an
+``[E, 3, F]`` edge tensor streams it through DRAM, forward and backward). ``torch.compile``'s
+CPU code turns the scatters into atomic adds and does not help. :func:`et_message` instead runs
+one layer's attention, messages and aggregation in one C++ pass over the edges (sorted by
+receiver), and its backward (the forces) in two more: one over receivers, one over senders,
+so no per-edge feature tensor is ever stored and no thread writes where another does.
+
+The extension is compiled on first use with the C++ compiler PyTorch's inductor also needs
+(``torch.utils.cpp_extension``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``). Its backward is not differentiable again, so it serves
+inference (energies and forces: MD, evaluation, prediction), not force-matching training.
+CUDA tensors take the eager path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["MessageGraph", "et_message", "load_extension", "ACTIVATION_CODES"]
+
+#: activation name -> code understood by the kernel
+ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
+
+_SOURCE = Path(__file__).with_name("et_message_cpu.cpp")
+# versioned: a changed kernel interface gets a new cache entry instead of a stale module
+_NAME = "forcecentric_et_message_v3"
+_lock = threading.Lock()
+_ext = None
+_error: RuntimeError | None = None  # a failed build is not retried in this process
+
+
+def load_extension():
+    """Compile (first time) and import the C++ extension; raises ``RuntimeError`` naming the
+    cause when it cannot be built (no C++ compiler, no ninja, ...)."""
+    global _ext, _error
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _error is not None:
+            raise _error
+        if _ext is None:
+            from torch.utils import cpp_extension
+
+            _ninja_on_path()
+            try:
+                _ext = cpp_extension.load(
+                    name=_NAME,
+                    sources=[str(_SOURCE)],
+                    # OpenMP: at::parallel_for's threads and the `omp simd` loops
+                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as exc:  # noqa: BLE001 - re-raised with the cause named
+                detail = str(exc).strip()
+                if len(detail) > 1500:  # compiler logs: the end names the error
+                    detail = "..." + detail[-1500:]
+                _error = RuntimeError(
+                    f"could not build forcecentric's fused CPU kernels from {_SOURCE} "
+                    f"({type(exc).__name__}: {detail}); they need a C++ compiler and ninja, the "
+                    "same as torch.compile on CPU. Use the eager model instead "
+                    "(model.use_fused_kernels(False))"
+                )
+                raise _error from exc
+    return _ext
+
+
+def _ninja_on_path() -> None:
+    """torch looks for ``ninja`` on PATH; the pip package's binary sits in the environment's
+    bin directory, which is not on PATH when the interpreter is called without activation."""
+    if shutil.which("ninja") is not None:
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in candidates:
+        if (folder / "ninja").exists():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+class MessageGraph(NamedTuple):
+    """Edges of one forward pass in receiver order, with the sender grouping the backward uses.
+
+    ``perm`` puts the caller's edges into receiver order; ``rowptr``/``col`` are the CSR
+    (receiver -> senders) structure, ``colptr``/``colperm`` group the same edges by sender and
+    ``row`` is each edge's receiver.
+    """
+
+    perm: Tensor
+    rowptr: Tensor
+    col: Tensor
+    row: Tensor
+    colptr: Tensor
+    colperm: Tensor
+
+    @staticmethod
+    def build(idx_i: Tensor, idx_j: Tensor, n: int) -> "MessageGraph":
+        idx_i = idx_i.detach()
+        idx_j = idx_j.detach()
+        perm = torch.argsort(idx_i, stable=True)
+        row = idx_i.index_select(0, perm).contiguous()
+        col = idx_j.index_select(0, perm).contiguous()
+        rowptr = _pointer(row, n)
+        colperm = torch.argsort(col, stable=True)
+        colptr = _pointer(col, n)
+        return MessageGraph(perm, rowptr, col, row, colptr, colperm)
+
+
+def _pointer(sorted_or_not: Tensor, n: int) -> Tensor:
+    counts = torch.bincount(sorted_or_not, minlength=n)
+    out = torch.zeros(n + 1, dtype=torch.long, device=counts.device)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+class _ETMessage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, vec, filt, cut, unit, graph, heads, act, vector_cutoff):
+        ext = load_extension()
+        x_agg, vec_agg, logits = ext.forward(
+            qkv, vec, filt, cut, unit, graph.rowptr, graph.col, heads, act, vector_cutoff
+        )
+        ctx.save_for_backward(qkv, vec, filt, cut, unit, logits)
+        ctx.graph, ctx.heads, ctx.act, ctx.vector_cutoff = graph, heads, act, vector_cutoff
+        return x_agg, vec_agg
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_vec):
+        qkv, vec, filt, cut, unit, logits = ctx.saved_tensors
+        g = ctx.graph
+        if grad_x is None:
+            grad_x = qkv.new_zeros(qkv.shape[0], qkv.shape[1] // 5)
+        if grad_vec is None:
+            grad_vec = torch.zeros_like(vec)
+        grads = load_extension().backward(
+            grad_x.contiguous(), grad_vec.contiguous(), qkv, vec, filt, cut, unit, logits,
+            g.rowptr, g.col, g.colptr, g.colperm, g.row, ctx.heads, ctx.act, ctx.vector_cutoff,
+        )
+        return (*grads, None, None, None, None)
+
+
+def et_message(
+    qkv: Tensor,
+    vec: Tensor,
+    filt: Tensor,
+    cut: Tensor,
+    unit: Tensor,
+    graph: MessageGraph,
+    heads: int,
+    activation: str,
+    vector_cutoff: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(x_agg [N, F], vec_agg [N, 3, F])`` of one ET layer.
+
+    ``qkv [N, 5F]`` holds the projections ``q | k | v`` (``v`` per head as value, vector gate,
+    direction gate), ``vec [N, 3, F]`` the vector features, ``filt [E, 4F]`` the activated
+    distance filters ``dk | dv``; ``filt``, ``cut [E]`` and ``unit [E, 3]`` are in ``graph``'s
+    receiver order."""
+    return _ETMessage.apply(
+        qkv.contiguous(), vec.contiguous(), filt.contiguous(), cut.contiguous(),
+        unit.contiguous(), graph, int(heads), ACTIVATION_CODES[activation], bool(vector_cutoff),
+    )

@@ -1,0 +1,205 @@
+"""The fused CPU kernels (forcecentric.nn.kernels) give the eager ET's energies, forces and
+gradients: analytic backward against finite differences, every attention activation, with and
+without the vector cutoff, both dtypes, the generic and the specialised head sizes, batches."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import molecule
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.md.verlet import VelocityVerlet
+
+import forcecentric
+from forcecentric.nn import ForceField, radius_graph
+from forcecentric.nn.et import EquivariantAttention
+from forcecentric.nn.kernels import MessageGraph, et_message, load_extension
+
+from test_nn import make_model, random_batch, random_orthogonal
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build the fused kernels")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    load_extension()  # a build failure fails every test here (with the compiler's message)
+
+
+def _both(model: ForceField, z, pos, batch, **kw):
+    model.use_fused_kernels(False)
+    eager = model(z, pos, batch, **kw)
+    model.use_fused_kernels(True)
+    fused = model(z, pos, batch, **kw)
+    model.use_fused_kernels(False)
+    return eager, fused
+
+
+def test_message_graph_groups_every_edge_once_by_receiver_and_by_sender():
+    gen = torch.Generator().manual_seed(0)
+    idx_i = torch.randint(0, 7, (40,), generator=gen)
+    idx_j = torch.randint(0, 7, (40,), generator=gen)
+    g = MessageGraph.build(idx_i, idx_j, 9)  # atoms 7, 8 have no edges
+    assert torch.equal(g.row, idx_i[g.perm]) and torch.equal(g.col, idx_j[g.perm])
+    assert bool((g.row[1:] >= g.row[:-1]).all())
+    assert g.rowptr.tolist()[-3:] == [40, 40, 40]
+    for a in range(9):
+        rows = g.row[g.rowptr[a]:g.rowptr[a + 1]]
+        assert bool((rows == a).all())
+        senders = g.col[g.colperm[g.colptr[a]:g.colptr[a + 1]]]
+        assert bool((senders == a).all()) and senders.numel() == int((idx_j == a).sum())
+
+
+@pytest.mark.parametrize("attn", ["silu", "ssp", "tanh", "gelu"])
+@pytest.mark.parametrize("vector_cutoff", [True, False])
+def test_kernel_backward_matches_finite_differences(attn, vector_cutoff):
+    """gradcheck of the analytic two-pass backward for every input (float64)."""
+    gen = torch.Generator().manual_seed(1)
+    n, f, heads = 5, 8, 2
+    idx_i = torch.randint(0, n, (14,), generator=gen)
+    idx_j = torch.randint(0, n, (14,), generator=gen)
+    g = MessageGraph.build(idx_i, idx_j, n)
+    e = idx_i.numel()
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    inputs = (rnd(n, 5 * f), rnd(n, 3, f), rnd(e, 4 * f), torch.rand(e, generator=gen, dtype=torch.float64).requires_grad_(True),
+              rnd(e, 3))
+    assert torch.autograd.gradcheck(
+        lambda qkv, vec, filt, cut, unit: et_message(qkv, vec, filt, cut, unit, g, heads, attn, vector_cutoff),
+        inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["silu", "ssp", "tanh", "gelu"])
+@pytest.mark.parametrize("vector_cutoff", [True, False])
+def test_layer_fused_equals_eager(attn, vector_cutoff):
+    """One attention layer: outputs and all input gradients (float64)."""
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    n, f, k = 11, 16, 8
+    layer = EquivariantAttention(f, k, 4, "silu", attn, vector_cutoff).double()
+    idx_i = torch.randint(0, n, (50,), generator=gen)
+    idx_j = torch.randint(0, n, (50,), generator=gen)
+    x = torch.randn(n, f, generator=gen, dtype=torch.float64, requires_grad=True)
+    vec = torch.randn(n, 3, f, generator=gen, dtype=torch.float64, requires_grad=True)
+    cut = torch.rand(50, generator=gen, dtype=torch.float64, requires_grad=True)
+    rbf = torch.rand(50, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    unit = torch.randn(50, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    dx, dvec = layer(x, vec, idx_i, idx_j, cut, rbf, unit)
+    g = MessageGraph.build(idx_i, idx_j, n)
+    fx, fvec = layer.forward_fused(x, vec, g, cut[g.perm], rbf[g.perm], unit[g.perm])
+    torch.testing.assert_close(fx, dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fvec, dvec, rtol=1e-12, atol=1e-12)
+    w = (torch.randn(n, f, generator=gen, dtype=torch.float64), torch.randn(n, 3, f, generator=gen, dtype=torch.float64))
+    wrt = [x, vec, cut, rbf, unit, *layer.parameters()]
+    ge = torch.autograd.grad((dx * w[0]).sum() + (dvec * w[1]).sum(), wrt)
+    gf = torch.autograd.grad((fx * w[0]).sum() + (fvec * w[1]).sum(), wrt)
+    for a, b in zip(gf, ge):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("hidden,heads", [(32, 4), (48, 2)])  # head size 8 (specialised), 24 (generic)
+def test_model_fused_equals_eager_on_a_batch(dtype, atol, hidden, heads):
+    gen = torch.Generator().manual_seed(3)
+    model = make_model(dtype=dtype, hidden_channels=hidden, num_heads=heads).eval()
+    z, pos, batch = random_batch([1, 4, 17, 30], gen, dtype=dtype)  # a lone atom, sparse and dense graphs
+    eager, fused = _both(model, z, pos, batch)
+    torch.testing.assert_close(fused["energy"], eager["energy"], rtol=0, atol=atol * 10)
+    torch.testing.assert_close(fused["forces"], eager["forces"], rtol=0, atol=atol)
+    assert fused["forces"].abs().max() > 0.1  # not trivially zero
+
+
+def test_fused_forces_are_equivariant():
+    gen = torch.Generator().manual_seed(4)
+    model = make_model().eval().use_fused_kernels(True)
+    z, pos, batch = random_batch([12], gen)
+    rot = random_orthogonal(gen, reflect=True)
+    out = model(z, pos, batch)
+    moved = model(z, pos @ rot.T + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), batch)
+    torch.testing.assert_close(moved["energy"], out["energy"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(moved["forces"], out["forces"] @ rot.T, rtol=0, atol=1e-10)
+
+
+def test_energy_gradients_of_parameters_match_and_training_forces_are_refused():
+    gen = torch.Generator().manual_seed(5)
+    model = make_model()
+    z, pos, batch = random_batch([6, 9], gen)
+    model.use_fused_kernels(False)
+    ge = torch.autograd.grad(model(z, pos, batch, compute_forces=False)["energy"].sum(), list(model.parameters()),
+                             allow_unused=True)
+    model.use_fused_kernels(True)
+    gf = torch.autograd.grad(model(z, pos, batch, compute_forces=False)["energy"].sum(), list(model.parameters()),
+                             allow_unused=True)
+    for a, b in zip(gf, ge):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    model.train()
+    with pytest.raises(RuntimeError, match="use_fused_kernels\\(False\\)"):
+        model(z, pos, batch)  # training mode: forces with create_graph
+    model.use_fused_kernels(False)
+    assert model(z, pos, batch)["forces"].requires_grad
+
+
+def test_old_checkpoints_with_separate_projections_load():
+    """State dicts from before q/k/v and dk/dv were fused into one matrix each."""
+    torch.manual_seed(6)
+    layer = EquivariantAttention(16, 8, 4)
+    f = 16
+    old = {}
+    for key, value in layer.state_dict().items():
+        if key.startswith("qkv_proj."):
+            kind = key.split(".")[1]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), torch.split(value, [f, f, 3 * f])):
+                old[f"{name}.{kind}"] = part.clone()
+        elif key.startswith("filter_proj."):
+            kind = key.split(".")[1]
+            for name, part in zip(("dk_proj", "dv_proj"), torch.split(value, [f, 3 * f])):
+                old[f"{name}.{kind}"] = part.clone()
+        else:
+            old[key] = value.clone()
+    fresh = EquivariantAttention(16, 8, 4)
+    fresh.load_state_dict(old)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_calculator_uses_the_kernels_on_cpu_and_follows_the_eager_md():
+    torch.manual_seed(7)
+    model = make_model(dtype=torch.float32)
+    model.elements = [1, 6, 8]
+    with pytest.raises(ValueError, match="fused must be"):
+        forcecentric.Calculator(model, fused="yes")
+    traj = {}
+    for fused in (True, False):
+        calc = forcecentric.Calculator(model, dtype="float64", fused=fused)
+        assert calc.model.uses_fused_kernels is fused
+        atoms = molecule("CH3CH2OH")
+        atoms.calc = calc
+        thermalize_momenta(atoms, temperature_K=300.0, rng=np.random.default_rng(0))
+        VelocityVerlet(atoms, timestep=0.5 * units.fs).run(20)
+        traj[fused] = (atoms.get_positions(), atoms.get_forces(), atoms.get_potential_energy())
+    np.testing.assert_allclose(traj[True][0], traj[False][0], atol=1e-9)
+    np.testing.assert_allclose(traj[True][1], traj[False][1], atol=1e-8)
+    assert abs(traj[True][2] - traj[False][2]) < 1e-8
+    auto = forcecentric.Calculator(model)
+    assert auto.model.uses_fused_kernels  # "auto" on a CPU
+
+
+def test_radius_graph_edges_in_any_order():
+    """The kernels sort the edges themselves: a shuffled edge list gives the same result."""
+    gen = torch.Generator().manual_seed(8)
+    model = make_model().eval().use_fused_kernels(True)
+    z, pos, batch = random_batch([15], gen)
+    ei = radius_graph(pos, batch, model.cutoff)
+    shuffled = ei[:, torch.randperm(ei.shape[1], generator=gen)]
+    a = model(z, pos, batch, edge_index=ei)
+    b = model(z, pos, batch, edge_index=shuffled)
+    torch.testing.assert_close(b["forces"], a["forces"], rtol=0, atol=1e-12)
