@@ -3,7 +3,8 @@
     python benchmarks/speed_profile.py [--molecule 3BPA] [--size paper] [--threads 2]
 
 Times the phases of a call separately (neighbour search, energy forward, force backward) and
-lists the operators by self time (torch.profiler), eager and compiled. Writes
+lists the operators by self time (torch.profiler): eager, through the fused C++ CPU kernels
+(``model.use_fused_kernels()``) and compiled. Writes
 benchmarks/results/speed_profile.json.
 """
 
@@ -91,14 +92,19 @@ def main() -> None:
     result = {"molecule": args.molecule, "n_atoms": len(numbers), "size": SIZES[args.size], "threads": args.threads,
               "machine": machine_info("cpu"), "versions": versions()}
     result["eager"] = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
+    model.use_fused_kernels(True)
+    result["fused"] = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
+    model.use_fused_kernels(False)
     model.compile_inference()
     t = time.perf_counter()
     model(z, pos, batch)
     result["compile_s"] = round(time.perf_counter() - t, 1)
     result["compiled"] = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
     write_json(result, args.out)
-    for kind in ("eager", "compiled"):
-        r = result[kind]
+    for kind in ("eager", "fused", "compiled"):
+        r = result.get(kind)
+        if r is None:
+            continue
         print(f"{kind}: search {r['neighbour_search_ms']} ms, forward {r['energy_forward_ms']} ms, "
               f"backward {r['force_backward_ms']} ms, whole call {r['whole_call_ms']} ms")
         for op in r["top_ops"][:8]:

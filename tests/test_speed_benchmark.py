@@ -15,13 +15,14 @@ sys.path.insert(0, str(BENCH))
 speed = pytest.importorskip("speed")
 
 
-def test_worker_row_for_our_et(tmp_path):
+@pytest.mark.parametrize("variant", ["eager", "fused"])
+def test_worker_row_for_our_et(tmp_path, variant):
     mols = [{"name": "water", "numbers": [8, 1, 1],
              "positions": [[0.0, 0.0, 0.119], [0.0, 0.763, -0.477], [0.0, -0.763, -0.477]]}]
     path = tmp_path / "m.json"
     path.write_text(json.dumps(mols))
     res = subprocess.run([sys.executable, str(BENCH / "speed_worker.py"), "--model", "forcecentric-et", "--size",
-                          "demo", "--molecules", str(path), "--threads", "1", "--repeats", "2", "--budget-s", "0",
+                          "demo", "--variant", variant, "--molecules", str(path), "--threads", "1", "--repeats", "2", "--budget-s", "0",
                           "--warmup", "1", "--batch", "4", "--md-steps", "5"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -29,6 +30,7 @@ def test_worker_row_for_our_et(tmp_path):
     assert len(rows) == 1
     row = rows[0]
     assert row["error"] is None, row.get("traceback")
+    assert row["variant"] == variant and row["settings"]["variant"] == variant
     assert row["model"] == "forcecentric-et" and row["n_atoms"] == 3 and row["num_parameters"] == 207617
     assert row["latency_ms_median"] > 0 and row["throughput_structures_per_s"] > 0 and row["md_steps_per_s"] > 0
     assert row["peak_rss_mb"] > 0
