@@ -7,7 +7,8 @@ the same `simulate` loop as `forcecentric simulate` (trajectory frame every 20 s
 log, stability watchers), for the ET at the paper-like size (F=128, 6 layers, 8 heads, 32 RBFs,
 cutoff 5 A) and the demo / pre-training size (F=64, 3 layers), plus GFN2-xTB (tblite) for scale.
 Speed does not depend on the weights, so the models are freshly initialised; the watchers are
-relaxed (bond threshold 100 A) so an untrained model is not stopped early. Writes
+relaxed (bond threshold 100 A, no minimum-distance stop) so an untrained model is not stopped
+early. Writes
 benchmarks/results/md_speed.json with the machine, versions and settings.
 """
 
@@ -56,8 +57,8 @@ def main() -> None:
         calcs.append(("GFN2-xTB (tblite)", xtb_calculator(), None, args.xtb_steps))
         for k, (name, calc, n_params, steps) in enumerate(calcs):
             s = md_settings(temperature=500.0, timestep_fs=0.5, steps=steps, save_every=20,
-                            bond_threshold=100.0, max_temperature=1e6)
-            simulate(calc, atoms, Path(tmp) / f"warm{k}", md_settings(steps=10, save_every=5, bond_threshold=100.0),
+                            bond_threshold=100.0, max_temperature=1e6, min_distance=0.0)
+            simulate(calc, atoms, Path(tmp) / f"warm{k}", md_settings(steps=10, save_every=5, bond_threshold=100.0, min_distance=0.0),
                      progress=False)
             t = time.perf_counter()
             summary = simulate(calc, atoms, Path(tmp) / f"run{k}", s, progress=False)
