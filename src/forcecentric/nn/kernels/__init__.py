@@ -34,7 +34,7 @@ ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
 
 _SOURCE = Path(__file__).with_name("et_message_cpu.cpp")
 # versioned: a changed kernel interface gets a new cache entry instead of a stale module
-_NAME = "forcecentric_et_message_v3"
+_NAME = "forcecentric_et_message_v4"
 _lock = threading.Lock()
 _ext = None
 _error: RuntimeError | None = None  # a failed build is not retried in this process

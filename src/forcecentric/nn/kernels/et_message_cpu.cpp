@@ -105,6 +105,19 @@ void check_inputs(const torch::Tensor& qkv, const torch::Tensor& vec, const torc
   }
 }
 
+// the per-edge view both receiver passes start from: sender j, cutoff c, vector-gate cutoff g,
+// unit vector u, the sender's key / value / vector rows and the edge's filters
+#define FC_EDGE_LOCALS(e)                                                  \
+  const int64_t j = COL[e];                                                \
+  const T c = CUT[e];                                                      \
+  const T g = vector_cutoff ? c : T(1);                                    \
+  const T u0 = UNIT[3 * (e)], u1 = UNIT[3 * (e) + 1], u2 = UNIT[3 * (e) + 2]; \
+  const T* __restrict__ kj = QKV + j * qs + f;                             \
+  const T* __restrict__ vj = QKV + j * qs + 2 * f;                         \
+  const T* __restrict__ vecj = VEC + j * 3 * f;                            \
+  const T* __restrict__ dke = FILT + (e) * fs;                             \
+  const T* __restrict__ dve = FILT + (e) * fs + f;
+
 // DH: head dimension as a compile-time constant (0: read at run time), so that the per-head
 // loops unroll into whole vector instructions
 template <typename T, int DH>
@@ -119,15 +132,7 @@ void forward_impl(const T* __restrict__ QKV, const T* __restrict__ VEC, const T*
       T* __restrict__ xa = XA + i * f;
       T* __restrict__ va = VA + i * 3 * f;
       for (int64_t e = RP[i]; e < RP[i + 1]; ++e) {
-        const int64_t j = COL[e];
-        const T c = CUT[e];
-        const T g = vector_cutoff ? c : T(1);
-        const T u0 = UNIT[3 * e], u1 = UNIT[3 * e + 1], u2 = UNIT[3 * e + 2];
-        const T* __restrict__ kj = QKV + j * qs + f;
-        const T* __restrict__ vj = QKV + j * qs + 2 * f;
-        const T* __restrict__ vecj = VEC + j * 3 * f;
-        const T* __restrict__ dke = FILT + e * fs;
-        const T* __restrict__ dve = FILT + e * fs + f;
+        FC_EDGE_LOCALS(e)
         for (int64_t h = 0; h < heads; ++h) {
           const int64_t o = h * dh;
           T a = 0;
@@ -173,15 +178,7 @@ void backward_impl(const T* __restrict__ GX, const T* __restrict__ GVEC, const T
       const T* __restrict__ gvi = GVEC + i * 3 * f;
       T* __restrict__ gqi = GQKV + i * qs;
       for (int64_t e = RP[i]; e < RP[i + 1]; ++e) {
-        const int64_t j = COL[e];
-        const T c = CUT[e];
-        const T g = vector_cutoff ? c : T(1);
-        const T u0 = UNIT[3 * e], u1 = UNIT[3 * e + 1], u2 = UNIT[3 * e + 2];
-        const T* __restrict__ kj = QKV + j * qs + f;
-        const T* __restrict__ vj = QKV + j * qs + 2 * f;
-        const T* __restrict__ vecj = VEC + j * 3 * f;
-        const T* __restrict__ dke = FILT + e * fs;
-        const T* __restrict__ dve = FILT + e * fs + f;
+        FC_EDGE_LOCALS(e)
         T* __restrict__ gdke = GFILT + e * fs;
         T* __restrict__ gdve = GFILT + e * fs + f;
         const T vcf = vector_cutoff ? T(1) : T(0);
