@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--xtb-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eager", action="store_true", help="plain PyTorch ET (Calculator fused=False) for comparison")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "md_speed.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +52,8 @@ def main() -> None:
             torch.manual_seed(0)
             model = ForceField(ModelConfig(**kw))
             model.elements = [1, 6, 7, 8]
-            calcs.append((name, Calculator(model, device=args.device), model.num_parameters(), args.steps))
+            calc = Calculator(model, device=args.device, fused=False if args.eager else "auto")
+            calcs.append((name, calc, model.num_parameters(), args.steps))
         from forcecentric.data.label import xtb_calculator
 
         calcs.append(("GFN2-xTB (tblite)", xtb_calculator(), None, args.xtb_steps))
@@ -73,7 +75,8 @@ def main() -> None:
     result = {
         "benchmark": "MD steps per second through forcecentric simulate (ASE Nose-Hoover NVT)",
         "settings": {"ensemble": "nose-hoover", "temperature_K": 500.0, "timestep_fs": 0.5, "save_every": 20,
-                     "structure": source, "threads": args.threads, "device": args.device, "dtype": "float32"},
+                     "structure": source, "threads": args.threads, "device": args.device, "dtype": "float32",
+                     "et_path": "eager" if args.eager else "fused CPU kernels where available (Calculator default)"},
         "machine": machine_info(args.device) | {"torch_threads": args.threads},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": rows,

@@ -203,3 +203,29 @@ def test_radius_graph_edges_in_any_order():
     a = model(z, pos, batch, edge_index=ei)
     b = model(z, pos, batch, edge_index=shuffled)
     torch.testing.assert_close(b["forces"], a["forces"], rtol=0, atol=1e-12)
+
+
+def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model():
+    from forcecentric.data.conformation import Conformation
+    from forcecentric.evaluation import predict
+
+    gen = torch.Generator().manual_seed(9)
+    model = make_model().eval()
+    recs = []
+    for n in (3, 8, 14):
+        z, pos, _ = random_batch([n], gen)
+        recs.append(Conformation(z=z.numpy(), pos=pos.numpy()))
+    model.use_fused_kernels(False)
+    calls = []
+    original = EquivariantAttention.forward_fused
+    EquivariantAttention.forward_fused = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        e_fused, f_fused = predict(model, recs, batch_size=2)
+    finally:
+        EquivariantAttention.forward_fused = original
+    assert calls and not model.uses_fused_kernels  # used for the call, switched back after
+    model.representation.fused = False
+    with torch.no_grad():
+        e_ref = [model(torch.as_tensor(r.z), torch.as_tensor(r.pos))["energy"].item() for r in recs]
+    np.testing.assert_allclose(e_fused, e_ref, rtol=1e-10)  # energies of ~-5,000 eV (atomrefs)
+    assert len(f_fused) == 3 and f_fused[2].shape == (14, 3)

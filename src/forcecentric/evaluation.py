@@ -46,9 +46,15 @@ def batches(model, records: Sequence[Conformation], batch_size: int):
 
 
 def predict(model, records: Sequence[Conformation], batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Energies (eV) and forces (eV/A) of ``records`` in the model's device and dtype."""
+    """Energies (eV) and forces (eV/A) of ``records`` in the model's device and dtype; a force
+    field on a CPU runs through the fused kernels for the call (when they build)."""
     was_training = model.training
     model.eval()
+    switch_fused = getattr(model, "uses_fused_kernels", True) is False and next(model.parameters()).device.type == "cpu"
+    if switch_fused:
+        from .nn.kernels import use_fused_if_available
+
+        use_fused_if_available(model)
     energies: list[np.ndarray] = []
     forces: list[np.ndarray] = []
     try:
@@ -59,6 +65,8 @@ def predict(model, records: Sequence[Conformation], batch_size: int = 32) -> tup
             forces.extend(np.split(f, np.cumsum(b.n_atoms.cpu().numpy())[:-1]))
     finally:
         model.train(was_training)
+        if switch_fused:
+            model.use_fused_kernels(False)
     return np.concatenate(energies), forces
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,17 +13,8 @@ from ase.calculators.calculator import all_changes
 from ..checkpoint import load, resolve_dtype
 from ..errors import DataError, ElementError
 from ..evaluation import unknown_elements
+from ..nn.kernels import use_fused_if_available
 from ..nn.neighbors import VerletList, radius_graph
-
-
-_fused_warned = False
-
-
-def _warn_fused_unavailable(exc: Exception) -> None:
-    global _fused_warned
-    if not _fused_warned:
-        _fused_warned = True
-        warnings.warn(f"fused CPU kernels unavailable, using the eager model: {exc}", RuntimeWarning, stacklevel=3)
 
 
 class Calculator(_AseCalculator):
@@ -91,13 +80,7 @@ class Calculator(_AseCalculator):
             return
         if fused is True and self.device.type != "cpu":
             raise ValueError(f"fused=True needs device='cpu' (the kernels are CPU kernels), got {self.device}")
-        try:
-            self.model.use_fused_kernels(True)
-        except RuntimeError as exc:
-            if fused is True:
-                raise
-            _warn_fused_unavailable(exc)
-            self.model.use_fused_kernels(False)
+        use_fused_if_available(self.model, required=fused is True)
 
     def _check(self, atoms) -> None:
         problem = unknown_elements(self.elements, atoms.numbers)

@@ -188,7 +188,11 @@ class EquivariantAttention(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the projections were fused hold q/k/v_proj and dk/dv_proj
-        for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("filter_proj", ("dk_proj", "dv_proj"))):
+        renamed = (
+            ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            ("filter_proj", ("dk_proj", "dv_proj")),
+        )
+        for fused, parts in renamed:
             for kind in ("weight", "bias"):
                 keys = [f"{prefix}{part}.{kind}" for part in parts]
                 if all(k in state_dict for k in keys):

@@ -21,13 +21,14 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MessageGraph", "et_message", "load_extension", "ACTIVATION_CODES"]
+__all__ = ["MessageGraph", "et_message", "load_extension", "use_fused_if_available", "ACTIVATION_CODES"]
 
 #: activation name -> code understood by the kernel
 ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
@@ -38,6 +39,7 @@ _NAME = "forcecentric_et_message_v4"
 _lock = threading.Lock()
 _ext = None
 _error: RuntimeError | None = None  # a failed build is not retried in this process
+_warned = False
 
 
 def load_extension():
@@ -74,6 +76,25 @@ def load_extension():
                 )
                 raise _error from exc
     return _ext
+
+
+def use_fused_if_available(model, required: bool = False) -> bool:
+    """Switch ``model`` (a :class:`~forcecentric.nn.ForceField`) to the fused kernels; when they
+    cannot be built, raise if ``required`` and otherwise warn once per process and keep the
+    eager path. Returns whether the kernels are on."""
+    global _warned
+    try:
+        model.use_fused_kernels(True)
+        return True
+    except RuntimeError as exc:
+        if required:
+            raise
+        if not _warned:
+            _warned = True
+            warnings.warn(f"fused CPU kernels unavailable, using the eager model: {exc}", RuntimeWarning,
+                          stacklevel=3)
+        model.use_fused_kernels(False)
+        return False
 
 
 def _ninja_on_path() -> None:
