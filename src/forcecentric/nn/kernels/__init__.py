@@ -5,11 +5,12 @@ overhead for small molecules and memory traffic for large ones (every multiply o
 ``[E, 3, F]`` edge tensor streams it through DRAM, forward and backward). ``torch.compile``'s
 CPU code turns the scatters into atomic adds and does not help. :func:`et_message` instead runs
 one layer's attention, messages and aggregation in one C++ pass over the edges (sorted by
-receiver), and its backward (the forces) in two more: one over receivers, one over senders,
-so no per-edge feature tensor is ever stored and no thread writes where another does.
+receiver), and its backward (the forces) in two more: one over receivers, one over senders.
+The per-edge messages are never stored (only the attention activation and its slope per edge
+and head), and no thread writes where another does.
 
 The extension is compiled on first use with the C++ compiler PyTorch's inductor also needs
-(``torch.utils.cpp_extension``; about a minute, then cached under ``TORCH_EXTENSIONS_DIR`` or
+(``torch.utils.cpp_extension``; about half a minute, then cached under ``TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``). Its backward is not differentiable again, so it serves
 inference (energies and forces: MD, evaluation, prediction), not force-matching training.
 CUDA tensors take the eager path.
