@@ -36,7 +36,7 @@ ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
 
 _SOURCE = Path(__file__).with_name("et_message_cpu.cpp")
 # versioned: a changed kernel interface gets a new cache entry instead of a stale module
-_NAME = "forcecentric_et_message_v4"
+_NAME = "forcecentric_et_message_v5"
 _lock = threading.Lock()
 _ext = None
 _error: RuntimeError | None = None  # a failed build is not retried in this process
@@ -155,25 +155,23 @@ class _ETMessage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, vec, filt, cut, unit, graph, heads, act, vector_cutoff):
         ext = load_extension()
-        x_agg, vec_agg, logits = ext.forward(
+        # acts [E, 2H]: the attention activation and its slope, all the backward needs of it
+        x_agg, vec_agg, acts = ext.forward(
             qkv, vec, filt, cut, unit, graph.rowptr, graph.col, heads, act, vector_cutoff
         )
-        ctx.save_for_backward(qkv, vec, filt, cut, unit, logits)
-        ctx.graph, ctx.heads, ctx.act, ctx.vector_cutoff = graph, heads, act, vector_cutoff
+        ctx.save_for_backward(qkv, vec, filt, cut, unit, acts)
+        ctx.graph, ctx.heads, ctx.vector_cutoff = graph, heads, vector_cutoff
         return x_agg, vec_agg
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_x, grad_vec):
-        qkv, vec, filt, cut, unit, logits = ctx.saved_tensors
+        # (autograd materialises an unused output's gradient as zeros: never None here)
+        qkv, vec, filt, cut, unit, acts = ctx.saved_tensors
         g = ctx.graph
-        if grad_x is None:
-            grad_x = qkv.new_zeros(qkv.shape[0], qkv.shape[1] // 5)
-        if grad_vec is None:
-            grad_vec = torch.zeros_like(vec)
         grads = load_extension().backward(
-            grad_x.contiguous(), grad_vec.contiguous(), qkv, vec, filt, cut, unit, logits,
-            g.rowptr, g.col, g.colptr, g.colperm, g.row, ctx.heads, ctx.act, ctx.vector_cutoff,
+            grad_x.contiguous(), grad_vec.contiguous(), qkv, vec, filt, cut, unit, acts,
+            g.rowptr, g.col, g.colptr, g.colperm, g.row, ctx.heads, ctx.vector_cutoff,
         )
         return (*grads, None, None, None, None)
 

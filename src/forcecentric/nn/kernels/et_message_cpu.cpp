@@ -167,7 +167,7 @@ void backward_impl(const T* __restrict__ GX, const T* __restrict__ GVEC, const T
                    const int64_t* COL, const int64_t* CP, const int64_t* CPERM, const int64_t* ROW,
                    T* __restrict__ GQKV, T* __restrict__ GVC, T* __restrict__ GFILT,
                    T* __restrict__ GCUT, T* __restrict__ GUNIT, T* __restrict__ GA, int64_t n,
-                   int64_t f, int64_t heads, int act, bool vector_cutoff) {
+                   int64_t f, int64_t heads, bool vector_cutoff) {
   const int64_t dh = DH > 0 ? DH : f / heads, qs = 5 * f, fs = 4 * f;
 
   // pass 1: receivers. Everything owned by the receiver (grad of q) or by the edge.
@@ -290,23 +290,23 @@ std::vector<torch::Tensor> et_message_forward(torch::Tensor qkv, torch::Tensor v
   const int64_t n = qkv.size(0), f = qkv.size(1) / 5, e = col.size(0);
   auto x_agg = torch::zeros({n, f}, qkv.options());
   auto vec_agg = torch::zeros({n, 3, f}, qkv.options());
-  auto logits = torch::empty({e, 2 * heads}, qkv.options());  // act(a), act'(a)
+  auto acts = torch::empty({e, 2 * heads}, qkv.options());  // act(a), act'(a)
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "et_message_forward", [&] {
     FC_DISPATCH_HEAD_DIM(f / heads, forward_impl, qkv.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(),
                            filt.data_ptr<scalar_t>(), cut.data_ptr<scalar_t>(),
                            unit.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
                            col.data_ptr<int64_t>(), x_agg.data_ptr<scalar_t>(),
-                           vec_agg.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), n, f, heads,
+                           vec_agg.data_ptr<scalar_t>(), acts.data_ptr<scalar_t>(), n, f, heads,
                            static_cast<int>(act), vector_cutoff);
   });
-  return {x_agg, vec_agg, logits};
+  return {x_agg, vec_agg, acts};
 }
 
 std::vector<torch::Tensor> et_message_backward(
     torch::Tensor grad_x, torch::Tensor grad_vec, torch::Tensor qkv, torch::Tensor vec,
-    torch::Tensor filt, torch::Tensor cut, torch::Tensor unit, torch::Tensor logits,
+    torch::Tensor filt, torch::Tensor cut, torch::Tensor unit, torch::Tensor acts,
     torch::Tensor rowptr, torch::Tensor col, torch::Tensor colptr, torch::Tensor colperm,
-    torch::Tensor row, int64_t heads, int64_t act, bool vector_cutoff) {
+    torch::Tensor row, int64_t heads, bool vector_cutoff) {
   check_inputs(qkv, vec, filt, cut, unit, rowptr, col, heads);
   const int64_t n = qkv.size(0), f = qkv.size(1) / 5, e = col.size(0);
   TORCH_CHECK(grad_x.dim() == 2 && grad_x.size(0) == n && grad_x.size(1) == f &&
@@ -315,9 +315,9 @@ std::vector<torch::Tensor> et_message_backward(
   TORCH_CHECK(grad_vec.sizes() == vec.sizes() && grad_vec.is_contiguous() &&
                   grad_vec.scalar_type() == qkv.scalar_type(),
               "et_message: grad_vec");
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == e && logits.size(1) == 2 * heads &&
-                  logits.is_contiguous(),
-              "et_message: logits");
+  TORCH_CHECK(acts.dim() == 2 && acts.size(0) == e && acts.size(1) == 2 * heads &&
+                  acts.is_contiguous(),
+              "et_message: acts");
   TORCH_CHECK(colptr.size(0) == n + 1 && colperm.size(0) == e && row.size(0) == e,
               "et_message: colptr / colperm / row");
   auto gqkv = torch::zeros_like(qkv), gvec = torch::zeros_like(vec);
@@ -327,11 +327,11 @@ std::vector<torch::Tensor> et_message_backward(
     FC_DISPATCH_HEAD_DIM(f / heads, backward_impl,
         grad_x.data_ptr<scalar_t>(), grad_vec.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
         vec.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), cut.data_ptr<scalar_t>(),
-        unit.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
+        unit.data_ptr<scalar_t>(), acts.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
         col.data_ptr<int64_t>(), colptr.data_ptr<int64_t>(), colperm.data_ptr<int64_t>(),
         row.data_ptr<int64_t>(), gqkv.data_ptr<scalar_t>(), gvec.data_ptr<scalar_t>(),
         gfilt.data_ptr<scalar_t>(), gcut.data_ptr<scalar_t>(), gunit.data_ptr<scalar_t>(),
-        ga.data_ptr<scalar_t>(), n, f, heads, static_cast<int>(act), vector_cutoff);
+        ga.data_ptr<scalar_t>(), n, f, heads, vector_cutoff);
   });
   return {gqkv, gvec, gfilt, gcut, gunit};
 }
