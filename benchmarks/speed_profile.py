@@ -4,7 +4,10 @@
 
 Times the phases of a call separately (neighbour search, energy forward, force backward) and
 lists the operators by self time (torch.profiler): eager, through the fused C++ CPU kernels
-(``model.use_fused_kernels()``) and compiled. Writes
+(``model.use_fused_kernels()``) and compiled. Also sets the matrix products' own time beside
+the FLOP bound (matmul FLOPs of the call / the measured 1024 x 1024 GEMM rate, as in
+``speed.py``): what the products cost at the rate the library reaches on the model's small
+shapes, against what they would cost at its best rate. Writes
 benchmarks/results/speed_profile.json.
 """
 
@@ -17,11 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed import MOLECULES, embed  # noqa: E402
+from speed import MOLECULES, embed, flop_counts, gemm_gflops  # noqa: E402
 from speed_worker import SIZES  # noqa: E402
 
 from forcecentric.config import ModelConfig  # noqa: E402
@@ -75,6 +79,40 @@ def top_ops(model, z, pos, batch, n: int = 15) -> list[dict]:
              "calls_per_call": e.count // 20} for e in rows[:n]]
 
 
+class _RecordMatmuls(TorchDispatchMode):
+    """Records the matrix products of a call: operator, and shape and strides of each operand."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.calls.append((func, [(tuple(a.shape), tuple(a.stride()), a.dtype) for a in args
+                                      if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_replay_ms(model, z, pos, batch) -> tuple[float, int]:
+    """The matrix products of one energy + forces call replayed on their own (same shapes,
+    strides and order, fresh operands): their time at the rate the library reaches on these
+    shapes, without the rest of the model. Returns (median ms, number of products)."""
+    model(z, pos, batch)
+    recorder = _RecordMatmuls()
+    with recorder:
+        model(z, pos, batch)
+    replay = [(func, [torch.empty_strided(shape, stride, dtype=dtype).normal_() for shape, stride, dtype in ops])
+              for func, ops in recorder.calls]
+
+    def run():
+        for func, operands in replay:
+            func(*operands)
+
+    return median_ms(run, repeats=50), len(replay)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--molecule", default="3BPA", choices=list(MOLECULES))
@@ -91,25 +129,47 @@ def main() -> None:
     model = ForceField(ModelConfig(**SIZES[args.size])).eval()
     result = {"molecule": args.molecule, "n_atoms": len(numbers), "size": SIZES[args.size], "threads": args.threads,
               "machine": machine_info("cpu"), "versions": versions()}
-    result["eager"] = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
+    gflop = flop_counts([{"name": args.molecule, "numbers": numbers, "positions": positions}], args.size)
+    rate = gemm_gflops(args.threads, "cpu")
+    bound_ms = gflop[args.molecule] / (rate * 1e9) * 1e3
+    result.update(matmul_gflop=round(gflop[args.molecule] / 1e9, 4), gemm_gflops=round(rate, 1),
+                  flop_bound_ms=round(bound_ms, 3))
+
+    def measure(replay: bool = True) -> dict:
+        out = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
+        # the products alone, at the rate the library reaches on these shapes, against the bound
+        # (not under torch.compile: recording would change what is compiled)
+        out["whole_call_over_flop_bound"] = round(out["whole_call_ms"] / bound_ms, 2)
+        if replay:
+            out["matmul_ms"], out["matmul_calls"] = matmul_replay_ms(model, z, pos, batch)
+            out["matmul_over_flop_bound"] = round(out["matmul_ms"] / bound_ms, 2)
+            out["matmul_gflops_achieved"] = round(gflop[args.molecule] / (out["matmul_ms"] * 1e6), 1)
+        return out
+
+    result["eager"] = measure()
     model.use_fused_kernels(True)
-    result["fused"] = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
+    result["fused"] = measure()
     model.use_fused_kernels(False)
     model.compile_inference()
     t = time.perf_counter()
     model(z, pos, batch)
     result["compile_s"] = round(time.perf_counter() - t, 1)
-    result["compiled"] = {**phases(model, z, pos, batch), "top_ops": top_ops(model, z, pos, batch)}
+    result["compiled"] = measure(replay=False)
     write_json(result, args.out)
     for kind in ("eager", "fused", "compiled"):
         r = result.get(kind)
         if r is None:
             continue
         print(f"{kind}: search {r['neighbour_search_ms']} ms, forward {r['energy_forward_ms']} ms, "
-              f"backward {r['force_backward_ms']} ms, whole call {r['whole_call_ms']} ms")
+              f"backward {r['force_backward_ms']} ms, whole call {r['whole_call_ms']} ms "
+              f"({r['whole_call_over_flop_bound']}x the FLOP bound)")
+        if "matmul_ms" in r:
+            print(f"   its {r['matmul_calls']} matrix products on their own: {r['matmul_ms']} ms "
+                  f"({r['matmul_over_flop_bound']}x the bound, {r['matmul_gflops_achieved']} GFLOP/s)")
         for op in r["top_ops"][:8]:
             print(f"   {op['self_cpu_share']:6.1%}  {op['op']}  ({op['calls_per_call']} calls)")
-    print(f"compile: {result['compile_s']} s; results: {args.out}")
+    print(f"FLOP bound {result['flop_bound_ms']} ms ({result['matmul_gflop']} GFLOP at {result['gemm_gflops']} "
+          f"GFLOP/s); compile: {result['compile_s']} s; results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,54 @@ def test_ratios_and_table_mark_errors():
     assert "| mace | paper |  | error |" in table and "ImportError: no mace" in table
     combined = speed.combine([rows[:1], [dict(rows[0], latency_ms_median=14.0)]])
     assert combined[0]["latency_ms_median"] == 12.0 and combined[0]["passes"] == 2
+
+
+WATER = {"name": "water", "numbers": [8, 1, 1],
+         "positions": [[0.0, 0.0, 0.119], [0.0, 0.763, -0.477], [0.0, -0.763, -0.477]]}
+
+
+def test_flop_count_is_the_energy_and_forces_call_without_weight_gradients():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from forcecentric.config import ModelConfig
+    from forcecentric.nn.model import ForceField
+
+    counted = speed.flop_counts([WATER], "demo")["water"]
+    # independently: frozen weights, so .backward() computes the position gradient only
+    model = ForceField(ModelConfig(**speed_worker_sizes()["demo"])).eval().requires_grad_(False)
+    pos = torch.tensor(WATER["positions"], requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.tensor(WATER["numbers"]), pos, compute_forces=False)["energy"].sum().backward()
+    assert counted == counter.get_total_flops() > 0
+    # the weight gradients (which an energy + forces call does not compute) would add more
+    model.requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.tensor(WATER["numbers"]), pos, compute_forces=False)["energy"].sum().backward()
+    assert counter.get_total_flops() > counted
+
+
+def test_recount_flops_rewrites_only_the_flop_fields(tmp_path, monkeypatch):
+    rows = [{"model": "forcecentric-et", "variant": "fused", "size": "demo", "molecule": "water", "n_atoms": 3,
+             "latency_ms_median": 2.0, "ratio_to_ours": 1.0, "num_parameters": 5, "error": None, "run_id": "r", "threads": 2,
+             "dtype": "float32", "machine": {"device": "cpu"}, "gemm_gflops": 100.0, "matmul_gflop": 99.0},
+            {"model": "nequip", "variant": "eager", "size": "paper", "molecule": "water", "n_atoms": 3,
+             "latency_ms_median": 4.0, "ratio_to_ours": 2.0, "num_parameters": 7, "error": None, "run_id": "r", "threads": 2,
+             "dtype": "float32", "machine": {"device": "cpu"}, "gemm_gflops": 100.0}]
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(rows))
+    monkeypatch.setattr(speed, "molecules", lambda: [WATER])  # the file's molecule, no RDKit embedding
+    speed.recount_flops(path, tmp_path / "plot.png")
+    new = json.loads(path.read_text())
+    flops = speed.flop_counts([WATER], "demo")["water"]
+    assert new[0]["matmul_gflop"] == round(flops / 1e9, 4)
+    assert new[0]["flop_bound_ms"] == round(flops / 1e11 * 1e3, 3)
+    assert new[0]["over_flop_bound"] == round(2.0 / new[0]["flop_bound_ms"], 2)
+    assert "matmul_gflop" not in new[1] and new[1]["latency_ms_median"] == 4.0
+    assert (tmp_path / "speed.md").exists() and (tmp_path / "plot.png").exists()
+
+
+def speed_worker_sizes():
+    from speed_worker import SIZES
+
+    return SIZES
