@@ -11,6 +11,7 @@ import yaml
 from forcecentric.data import read_all
 from forcecentric.errors import ConfigError
 from forcecentric.study import (OBJECTIVES, finetune_jobs, load_study_config, markdown_tables, pretrain_jobs,
+                                tuned_summary, tuned_table,
                                 prepare, run_study, status, summarize)
 
 
@@ -232,3 +233,26 @@ def test_sigterm_stops_the_workers_too(tmp_path):
     size = csv_file.stat().st_size
     time.sleep(4)
     assert csv_file.stat().st_size == size, "a worker kept training after the study was killed"
+
+
+def test_tuned_summary_chooses_each_models_variant_on_validation_only():
+    def row(model, ft, seed, val, test):
+        setting = "none" if model == "scratch" else "unseen"
+        return {"molecule": "m", "setting": setting, "model": model, "n_train": 50, "seed": seed, "finetune": ft,
+                "val_force_mae": val, "force_mae": test, "energy_mae": 1.0}
+
+    rows = []
+    for seed in (0, 1):
+        rows += [row("scratch", "default", seed, 100.0, 100.0), row("scratch", "lr1e-3", seed, 80.0, 70.0 + seed),
+                 # full: the better test error sits with the worse validation error: not chosen
+                 row("full", "default", seed, 50.0, 50.0), row("full", "lr1e-3", seed, 60.0, 40.0)]
+    rows.append(row("scratch", "lr2e-3", 0, 10.0, 10.0))  # fewer seeds than the others: not a candidate
+    rows.append(row("forces_only", "default", 0, 55.0, 55.0))  # one variant only: not in the table
+    tuned = {t["model"]: t for t in tuned_summary(rows)}
+    assert set(tuned) == {"scratch", "full"}
+    assert tuned["scratch"]["finetune"] == "lr1e-3" and tuned["scratch"]["candidates"] == ["default", "lr1e-3"]
+    assert tuned["scratch"]["force_mae_mean"] == pytest.approx(70.5)
+    assert tuned["full"]["finetune"] == "default" and tuned["full"]["force_mae_mean"] == pytest.approx(50.0)
+    assert tuned["full"]["ratio_scratch_over_model"] == pytest.approx(70.5 / 50.0)
+    table = tuned_table(list(tuned.values()))
+    assert "| m | 50 | full (unseen) | default | default, lr1e-3 (2 seeds) | 50.0 | 50.0 ± 0.0 (1.41×) |" in table
