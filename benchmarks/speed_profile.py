@@ -95,22 +95,38 @@ class _RecordMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def matmul_replay_ms(model, z, pos, batch) -> tuple[float, int]:
-    """The matrix products of one energy + forces call replayed on their own (same shapes,
-    strides and order, fresh operands): their time at the rate the library reaches on these
-    shapes, without the rest of the model. Returns (median ms, number of products)."""
+def record_matmuls(model, z, pos, batch) -> list[tuple]:
+    """``(operator, [(shape, strides, dtype) of each tensor operand])`` of every matrix product
+    of one energy + forces call, in order."""
     model(z, pos, batch)
     recorder = _RecordMatmuls()
     with recorder:
         model(z, pos, batch)
+    return recorder.calls
+
+
+def matmul_flops(calls: list[tuple]) -> int:
+    """FLOPs of recorded products (2 m k n each; the operands are the last two tensors)."""
+    total = 0
+    for _, ops in calls:
+        a, b = ops[-2][0], ops[-1][0]
+        batch = a[0] if len(a) == 3 else 1
+        total += 2 * batch * a[-2] * a[-1] * b[-1]
+    return total
+
+
+def matmul_replay_ms(calls: list[tuple]) -> float:
+    """The recorded products replayed on their own (same shapes, strides and order, fresh
+    operands): their time at the rate the library reaches on these shapes, without the rest of
+    the model. Median ms."""
     replay = [(func, [torch.empty_strided(shape, stride, dtype=dtype).normal_() for shape, stride, dtype in ops])
-              for func, ops in recorder.calls]
+              for func, ops in calls]
 
     def run():
         for func, operands in replay:
             func(*operands)
 
-    return median_ms(run, repeats=50), len(replay)
+    return median_ms(run, repeats=50)
 
 
 def main() -> None:
@@ -141,7 +157,8 @@ def main() -> None:
         # (not under torch.compile: recording would change what is compiled)
         out["whole_call_over_flop_bound"] = round(out["whole_call_ms"] / bound_ms, 2)
         if replay:
-            out["matmul_ms"], out["matmul_calls"] = matmul_replay_ms(model, z, pos, batch)
+            calls = record_matmuls(model, z, pos, batch)
+            out["matmul_ms"], out["matmul_calls"] = matmul_replay_ms(calls), len(calls)
             out["matmul_over_flop_bound"] = round(out["matmul_ms"] / bound_ms, 2)
             out["matmul_gflops_achieved"] = round(gflop[args.molecule] / (out["matmul_ms"] * 1e6), 1)
         return out

@@ -106,3 +106,20 @@ def speed_worker_sizes():
     from speed_worker import SIZES
 
     return SIZES
+
+
+def test_profile_replays_exactly_the_counted_matrix_products():
+    import torch
+
+    from forcecentric.config import ModelConfig
+    from forcecentric.nn.model import ForceField
+
+    speed_profile = pytest.importorskip("speed_profile")
+    model = ForceField(ModelConfig(**speed_worker_sizes()["demo"])).eval()
+    z = torch.tensor(WATER["numbers"])
+    pos = torch.tensor(WATER["positions"])
+    calls = speed_profile.record_matmuls(model, z, pos, None)
+    # the products the replay times are the ones the FLOP bound counts
+    assert len(calls) > 0
+    assert speed_profile.matmul_flops(calls) == speed.flop_counts([WATER], "demo")["water"]
+    assert speed_profile.matmul_replay_ms(calls) > 0
