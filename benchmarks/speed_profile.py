@@ -105,22 +105,17 @@ def record_matmuls(model, z, pos, batch) -> list[tuple]:
     return recorder.calls
 
 
-def matmul_flops(calls: list[tuple]) -> int:
-    """FLOPs of recorded products (2 m k n each; the operands are the last two tensors)."""
-    total = 0
-    for _, ops in calls:
-        a, b = ops[-2][0], ops[-1][0]
-        batch = a[0] if len(a) == 3 else 1
-        total += 2 * batch * a[-2] * a[-1] * b[-1]
-    return total
+def replay_operands(calls: list[tuple]) -> list[tuple]:
+    """``(operator, fresh operands)`` of recorded products: same shapes, strides and dtypes."""
+    return [(func, [torch.empty_strided(shape, stride, dtype=dtype).normal_() for shape, stride, dtype in ops])
+            for func, ops in calls]
 
 
 def matmul_replay_ms(calls: list[tuple]) -> float:
     """The recorded products replayed on their own (same shapes, strides and order, fresh
     operands): their time at the rate the library reaches on these shapes, without the rest of
     the model. Median ms."""
-    replay = [(func, [torch.empty_strided(shape, stride, dtype=dtype).normal_() for shape, stride, dtype in ops])
-              for func, ops in calls]
+    replay = replay_operands(calls)
 
     def run():
         for func, operands in replay:

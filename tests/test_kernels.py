@@ -224,7 +224,6 @@ def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model():
     finally:
         EquivariantAttention.forward_fused = original
     assert calls and not model.uses_fused_kernels  # used for the call, switched back after
-    model.representation.fused = False
     with torch.no_grad():
         e_ref = [model(torch.as_tensor(r.z), torch.as_tensor(r.pos))["energy"].item() for r in recs]
     np.testing.assert_allclose(e_fused, e_ref, rtol=1e-10)  # energies of ~-5,000 eV (atomrefs)
