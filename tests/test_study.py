@@ -44,6 +44,14 @@ def _write(tmp_path, cfg: dict):
     return path
 
 
+def _jobs_with_variants(tmp_path, cfg_dict: dict, variant_models: list[str]):
+    """The fine-tuning plan of a prepared study with an lr1e-3 variant for ``variant_models``."""
+    cfg_dict["finetune"].update(variants={"lr1e-3": {"optim.lr": 1.0e-3}}, variant_models=variant_models)
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    return finetune_jobs(cfg)
+
+
 def test_config_errors_name_the_problem(tmp_path):
     cfg = _config(tmp_path)
     cfg["pretrain"]["settings"]["unseen"].append("forces_typo")
@@ -76,6 +84,9 @@ def test_the_shipped_preset_plans_the_issue_grid():
         for seed in (0, 1, 2):
             assert ("ethanol", "scratch", "none", n, seed) in keys
             assert ("3BPA", "full", "target_in_pretraining", n, seed) in keys
+    # the paper-size ablation is compared with a paper-size ET trained from scratch
+    twin = [j for j in jobs if j.key["model"] == "scratch_as_forces_zero_F128L6"]
+    assert twin and {(j.config["model"]["hidden_channels"], j.config["model"]["num_layers"]) for j in twin} == {(128, 6)}
     # every fine-tuning run of a target sees the same validation and test files
     for mol in ("ethanol", "3BPA"):
         assert len({(tuple(j.config["data"]["val"]), tuple(j.config["data"]["test"]))
@@ -101,11 +112,7 @@ def test_planning_skips_sizes_the_pool_cannot_give_and_limits_ablations(tmp_path
 
 
 def test_finetune_variants_run_at_the_ablation_size_for_the_named_models(tmp_path):
-    cfg_dict = _config(tmp_path)
-    cfg_dict["finetune"].update(variants={"lr1e-3": {"optim.lr": 1.0e-3}}, variant_models=["scratch", "full"])
-    cfg = load_study_config(_write(tmp_path, cfg_dict))
-    prepare(cfg, progress=False)
-    jobs = finetune_jobs(cfg)
+    jobs = _jobs_with_variants(tmp_path, _config(tmp_path), ["scratch", "full"])
     variant = [j for j in jobs if j.key["finetune"] == "lr1e-3"]
     # scratch and full at the ablation N only, every seed; their own run directories
     assert sorted((j.key["model"], j.key["n_train"], j.key["seed"]) for j in variant) == [
@@ -147,6 +154,52 @@ def test_finetune_before_prepare_is_refused(tmp_path):
     cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
     with pytest.raises(ConfigError, match="prepare"):
         run_study(cfg, phase="finetune", progress=False)
+
+
+def test_a_size_changing_ablation_gets_a_same_size_scratch_twin(tmp_path):
+    cfg_dict = _config(tmp_path)
+    cfg_dict["pretrain"]["ablations"]["full_F32"] = {"base": "full", "model.hidden_channels": 32}
+    cfg_dict["pretrain"]["settings"]["unseen"].append("full_F32")
+    jobs = _jobs_with_variants(tmp_path, cfg_dict, ["scratch", "full_F32"])
+    twin = [j for j in jobs if j.key["model"] == "scratch_as_full_F32"]
+    # random weights at the ablation's size, where the ablation runs (N=10), with its variants too
+    assert sorted((j.key["n_train"], j.key["seed"], j.key["finetune"]) for j in twin) == [
+        (10, 0, "default"), (10, 0, "lr1e-3"), (10, 1, "default"), (10, 1, "lr1e-3")]
+    assert all(j.needs is None and "init_from" not in j.config and j.key["setting"] == "none" for j in twin)
+    assert {j.config["model"]["hidden_channels"] for j in twin} == {32}
+    assert {j.config["model"]["hidden_channels"] for j in jobs if j.key["model"] == "scratch"} == {16}
+    # an ablation that keeps the model's size has no twin
+    assert not any(j.key["model"] == "scratch_as_full_sigma0.1" for j in jobs)
+    cfg_dict["pretrain"]["ablations"]["scratch_big"] = {"base": "full"}
+    with pytest.raises(ConfigError, match="scratch_big"):
+        load_study_config(_write(tmp_path, cfg_dict))
+
+
+def test_a_twin_is_the_baseline_of_its_ablation_where_it_ran():
+    def row(model, n, val, test, ft="default"):
+        setting = "none" if model.startswith("scratch") else "unseen"
+        return {"molecule": "m", "setting": setting, "model": model, "n_train": n, "seed": 0, "finetune": ft,
+                "val_force_mae": val, "force_mae": test, "energy_mae": 1.0}
+
+    rows = [row("scratch", 50, 100.0, 100.0), row("scratch_as_big", 50, 90.0, 90.0), row("big", 50, 45.0, 45.0),
+            row("full", 50, 50.0, 50.0), row("scratch", 100, 80.0, 80.0), row("big", 100, 40.0, 40.0)]
+    summary = {(s["model"], s["n_train"]): s for s in summarize(rows)}
+    assert summary["big", 50]["baseline"] == "scratch_as_big"
+    assert summary["big", 50]["ratio_scratch_over_model"] == pytest.approx(2.0)
+    assert summary["full", 50]["ratio_scratch_over_model"] == pytest.approx(2.0)
+    assert summary["scratch_as_big", 50]["ratio_scratch_over_model"] is None
+    # no twin at N=100: the plain scratch run is the only baseline there
+    assert summary["big", 100]["baseline"] == "scratch"
+    assert summary["big", 100]["ratio_scratch_over_model"] == pytest.approx(2.0)
+    assert "| big (unseen) | 45.0 ± 0.0 (2.00× vs scratch_as_big) [1 seed] |" in markdown_tables(list(summary.values()))
+    rows += [row("scratch_as_big", 50, 80.0, 60.0, "lr1e-3"), row("big", 50, 50.0, 30.0, "lr1e-3"),
+             row("scratch", 50, 95.0, 95.0, "lr1e-3")]
+    tuned = {t["model"]: t for t in tuned_summary(rows)}
+    assert tuned["scratch_as_big"]["finetune"] == "lr1e-3" and tuned["big"]["finetune"] == "default"
+    assert tuned["big"]["baseline"] == "scratch_as_big"
+    assert tuned["big"]["ratio_scratch_over_model"] == pytest.approx(60.0 / 45.0)
+    assert tuned["scratch_as_big"]["ratio_scratch_over_model"] is None
+    assert "45.0 ± 0.0 (1.33× vs scratch_as_big)" in tuned_table(list(tuned.values()))
 
 
 def test_summary_ratios_and_table():

@@ -43,6 +43,9 @@ log = logging.getLogger("forcecentric")
 SETTINGS = ("unseen", "target_in_pretraining")
 OBJECTIVES = ("forces_only", "forces_zero", "forces_denoise", "full")
 SCRATCH = "scratch"
+# a pre-training ablation that changes the ET's size gets a from-scratch twin of the same size, named
+# SCRATCH_TWIN + ablation: its ratios compare like with like
+SCRATCH_TWIN = "scratch_as_"
 DEFAULT_FT = "default"  # the fine-tuning settings of ``finetune.set``, without a variant
 
 
@@ -119,6 +122,10 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
                     f"pretrain.settings.{setting} names {name!r}, which is neither an objective "
                     f"{sorted(cfg.pretrain.objectives)} nor an ablation {sorted(cfg.pretrain.ablations)}"
                 )
+    taken = [n for n in [*cfg.pretrain.objectives, *cfg.pretrain.ablations] if n.startswith(SCRATCH)]
+    if taken:
+        raise ConfigError(f"pre-training names {taken} start with {SCRATCH!r}, which names the from-scratch "
+                          "baselines; rename them")
     unseen = set(cfg.pretrain.settings.get("unseen", []))
     bad = [m for m in cfg.finetune.variant_models if m != SCRATCH and m not in unseen]
     if bad:
@@ -214,6 +221,9 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
     models: list[tuple[str, str | None]] = [(SCRATCH, None)]
     for setting, names in cfg.pretrain.settings.items():
         models += [(name, setting) for name in names]
+    # a size-changing ablation's scratch twin: fine-tuned from random weights at the ablation's ET size
+    twins = {SCRATCH_TWIN + name: name for name in cfg.pretrain.settings.get("unseen", []) if model_over.get(name)}
+    models += [(twin, None) for twin in twins]
     sizes = sorted(set(ft.n_train) | set(ft.ablation_n_train))
     pools = {target: pool_size(cfg, target) for target in cfg.targets}
     for n in sizes:
@@ -226,10 +236,10 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                     ft.ablation_targets is None or target in ft.ablation_targets)
                 for (name, setting), variant in [(m, DEFAULT_FT) for m in models] + [
                         (m, v) for v in ft.variants for m in models
-                        if m[0] in ft.variant_models and m[1] in (None, "unseen")]:
+                        if twins.get(m[0], m[0]) in ft.variant_models and m[1] in (None, "unseen")]:
                     if setting is not None and setting not in tc.settings:
                         continue
-                    if name in ablations or variant != DEFAULT_FT:
+                    if name in ablations or name in twins or variant != DEFAULT_FT:
                         if not in_ablation:
                             continue
                     elif n not in ft.n_train:
@@ -247,7 +257,7 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                         test=[str(tdir / "test.extxyz")], n_train=n,
                     )
                     apply_overrides(data, dict(ft.set))
-                    apply_overrides(data, dict(model_over.get(name, {})))  # e.g. a larger ET
+                    apply_overrides(data, dict(model_over.get(twins.get(name, name), {})))  # e.g. a larger ET
                     apply_overrides(data, dict(ft.variants.get(variant, {})))
                     needs = None
                     if setting is not None:
@@ -448,22 +458,37 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         ft = r.get("finetune", DEFAULT_FT)
         groups.setdefault((r["molecule"], r["setting"], r["model"], r["n_train"], ft), []).append(r)
-    scratch = {(k[0], k[3], k[4]): np.mean([r["force_mae"] for r in v])
-               for k, v in groups.items() if k[2] == SCRATCH}
+    scratch = {(k[0], k[2], k[3], k[4]): np.mean([r["force_mae"] for r in v])
+               for k, v in groups.items() if is_scratch(k[2])}
     out = []
     for (mol, setting, model, n, ft), rs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][4] != DEFAULT_FT, kv[0][4], kv[0][1], kv[0][2])):
         f = np.array([r["force_mae"] for r in rs])
         e = np.array([r["energy_mae"] for r in rs if r["energy_mae"] is not None])
+        base = None if is_scratch(model) else baseline(model, {(k[0], k[1], k[2]) for k in scratch}, mol, n)
         # a variant is compared with scratch fine-tuned the same way when that exists
-        s = scratch.get((mol, n, ft), scratch.get((mol, n, DEFAULT_FT)))
+        s = scratch.get((mol, base, n, ft), scratch.get((mol, base, n, DEFAULT_FT)))
         out.append({
             "molecule": mol, "setting": setting, "model": model, "n_train": n, "finetune": ft, "n_seeds": len(rs),
             "force_mae_mean": float(f.mean()), "force_mae_std": float(f.std(ddof=1)) if len(f) > 1 else 0.0,
             "energy_mae_mean": float(e.mean()) if len(e) else None,
+            "baseline": base if s is not None else None,
             "ratio_scratch_over_model": float(s / f.mean()) if s is not None else None,
         })
     return out
+
+
+def is_scratch(model: str) -> bool:
+    """Whether a study model starts from random weights: ``scratch`` or a size-matched twin."""
+    return model == SCRATCH or model.startswith(SCRATCH_TWIN)
+
+
+def baseline(model: str, scratch_runs: set[tuple[str, str, int]], molecule: str, n: int) -> str:
+    """The from-scratch model a pre-trained one is compared with: its size-matched twin where that
+    was fine-tuned on this molecule at this N, else ``scratch``. ``scratch_runs`` holds
+    (molecule, scratch model, N) of the finished scratch cells."""
+    twin = SCRATCH_TWIN + model
+    return twin if (molecule, twin, n) in scratch_runs else SCRATCH
 
 
 def tuned_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -489,10 +514,13 @@ def tuned_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "val_force_mae_mean": float(np.mean([r["val_force_mae"] for r in candidates[best]])),
             "force_mae_mean": float(f.mean()), "force_mae_std": float(f.std(ddof=1)) if len(f) > 1 else 0.0,
         }
+    scratch_runs = {(k[0], k[2], k[3]) for k in chosen if is_scratch(k[2])}
     for (mol, _, model, n), c in chosen.items():
-        s = chosen.get((mol, "none", SCRATCH, n))
+        base = None if is_scratch(model) else baseline(model, scratch_runs, mol, n)
+        s = chosen.get((mol, "none", base, n))
+        c["baseline"] = base if s else None
         c["ratio_scratch_over_model"] = float(s["force_mae_mean"] / c["force_mae_mean"]) if s else None
-    return sorted(chosen.values(), key=lambda c: (c["molecule"], c["n_train"], c["model"] != SCRATCH,
+    return sorted(chosen.values(), key=lambda c: (c["molecule"], c["n_train"], not is_scratch(c["model"]),
                                                   c["setting"], c["model"]))
 
 
@@ -506,11 +534,17 @@ def tuned_table(tuned: list[dict[str, Any]]) -> str:
     for c in tuned:
         label = c["model"] if c["setting"] == "none" else f"{c['model']} ({c['setting']})"
         cell = f"{c['force_mae_mean']:.1f} ± {c['force_mae_std']:.1f}"
-        if c["model"] != SCRATCH and c["ratio_scratch_over_model"]:
-            cell += f" ({c['ratio_scratch_over_model']:.2f}×)"
+        if c["ratio_scratch_over_model"]:
+            cell += _ratio(c)
         lines.append(f"| {c['molecule']} | {c['n_train']} | {label} | {c['finetune']} | {', '.join(c['candidates'])} "
                      f"({c['n_seeds']} seed{'s' if c['n_seeds'] > 1 else ''}) | {c['val_force_mae_mean']:.1f} | {cell} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(s: dict[str, Any]) -> str:
+    """The ratio cell: scratch / model, naming the baseline when it is a size-matched twin."""
+    base = s.get("baseline") or SCRATCH
+    return f" ({s['ratio_scratch_over_model']:.2f}×{'' if base == SCRATCH else ' vs ' + base})"
 
 
 def _label(s: dict[str, Any], short: bool = False) -> str:
@@ -546,8 +580,8 @@ def markdown_tables(summary: list[dict[str, Any]]) -> str:
                     continue
                 s = hit[0]
                 cell = f"{s['force_mae_mean']:.1f} ± {s['force_mae_std']:.1f}"
-                if model != SCRATCH and s["ratio_scratch_over_model"]:
-                    cell += f" ({s['ratio_scratch_over_model']:.2f}×)"
+                if s["ratio_scratch_over_model"]:
+                    cell += _ratio(s)
                 if s["n_seeds"] < 3:
                     cell += f" [{s['n_seeds']} seed{'s' if s['n_seeds'] > 1 else ''}]"
                 cells.append(cell)
