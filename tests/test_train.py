@@ -277,3 +277,47 @@ def test_resume_after_sigkill_with_early_stopping(tmp_path, morse_file):
     metrics = run(_cfg(tmp_path, morse_file, **{"trainer.max_epochs": epoch + 3, "trainer.early_stopping_patience": 500,
                                                 "optim.schedule": "plateau"}), resume=True)
     assert metrics["epochs"] == epoch + 3
+
+
+def test_early_stopping_at_min_lr_waits_for_the_learning_rate_floor(tmp_path, morse_file):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from forcecentric.train.callbacks import EarlyStoppingAtMinLR
+    from forcecentric.train.run import _trainer
+
+    def check(callback, losses_and_lrs):
+        """Feed validation losses at given learning rates; the epoch at which it stops, or None."""
+        opt = SimpleNamespace(param_groups=[{"lr": 0.0}])
+        trainer = SimpleNamespace(fast_dev_run=False, callback_metrics={}, should_stop=False, current_epoch=0,
+                                  optimizers=[opt], strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d))
+        for epoch, (loss, lr) in enumerate(losses_and_lrs):
+            trainer.current_epoch, opt.param_groups[0]["lr"] = epoch, lr
+            trainer.callback_metrics = {"val/loss": torch.tensor(loss)}
+            callback._run_early_stopping_check(trainer)
+            if trainer.should_stop:
+                return epoch
+        return None
+
+    # best at epoch 0, then no improvement while the rate is halved down to its floor 1e-4
+    history = [(1.0, 1e-3), (1.1, 1e-3), (1.2, 1e-3), (1.1, 5e-4), (1.1, 2.5e-4), (1.3, 1.25e-4), (1.2, 1e-4),
+               (1.2, 1e-4)]
+    plain = EarlyStopping(monitor="val/loss", mode="min", patience=2)
+    assert check(plain, history) == 2  # two epochs without improvement, at the top rate
+    at_floor = EarlyStoppingAtMinLR(min_lr=1e-4, monitor="val/loss", mode="min", patience=2)
+    assert check(at_floor, history) == 6  # the first epoch at the floor
+    assert at_floor.wait_count == 6
+    # an improvement on the way down resets the count; at the floor the patience must run out again
+    history2 = history[:4] + [(0.5, 2.5e-4), (0.6, 1e-4), (0.6, 1e-4), (0.6, 1e-4)]
+    assert check(EarlyStoppingAtMinLR(min_lr=1e-4, monitor="val/loss", mode="min", patience=2), history2) == 6
+    # a non-finite validation loss still stops at once
+    nan = [(1.0, 1e-3), (float("nan"), 1e-3)]
+    assert check(EarlyStoppingAtMinLR(min_lr=1e-4, monitor="val/loss", mode="min", patience=2), nan) == 1
+    # the run config chooses the callback; the option needs a plateau schedule
+    cfg = _cfg(tmp_path, morse_file, **{"optim.schedule": "plateau", "optim.min_lr": 1e-5,
+                                        "trainer.early_stopping_at_min_lr": True})
+    stops = [c for c in _trainer(cfg, tmp_path / "run").callbacks if isinstance(c, EarlyStopping)]
+    assert len(stops) == 1 and isinstance(stops[0], EarlyStoppingAtMinLR) and stops[0].min_lr == 1e-5
+    with pytest.raises(ConfigError, match="early_stopping_at_min_lr"):
+        _cfg(tmp_path, morse_file, **{"optim.schedule": "cosine", "trainer.early_stopping_at_min_lr": True})

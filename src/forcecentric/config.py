@@ -205,6 +205,11 @@ class TrainerConfig(_Strict):
         "whichever runs out first)"
     )
     early_stopping_patience: int | None = Field(20, description="epochs (None: off)")
+    early_stopping_at_min_lr: bool = Field(
+        False, description="stop only once the plateau schedule has brought the learning rate down to "
+        "optim.min_lr (and validation has not improved for early_stopping_patience epochs): every run "
+        "anneals fully, however noisy its validation loss at the higher rates"
+    )
     accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
     devices: int | str = Field(
         "auto", description="processes (GPUs) per node; an int, 'auto', or a list string like '0,1'"
@@ -277,6 +282,15 @@ class RunConfig(_Strict):
         description="fit per-element reference energies on the training energies (least squares "
         "on the residual of the initial model) before training",
     )
+
+    @model_validator(mode="after")
+    def _min_lr_stop_needs_plateau(self) -> "RunConfig":
+        if self.trainer.early_stopping_at_min_lr and (
+                self.optim.schedule != "plateau" or self.trainer.early_stopping_patience is None):
+            raise ValueError("trainer.early_stopping_at_min_lr needs optim.schedule: plateau and an "
+                             f"early_stopping_patience (got schedule {self.optim.schedule!r}, patience "
+                             f"{self.trainer.early_stopping_patience})")
+        return self
 
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

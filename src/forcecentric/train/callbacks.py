@@ -1,5 +1,5 @@
 """Callbacks beyond Lightning's own: the learning-curve PNG, a CSV logger that appends on resume,
-atomic checkpoint writes."""
+atomic checkpoint writes, early stopping that waits for the learning-rate floor."""
 
 from __future__ import annotations
 
@@ -9,10 +9,43 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class EarlyStoppingAtMinLR(EarlyStopping):
+    """Early stopping whose patience may end the run only once the learning rate is at ``min_lr``.
+
+    With a plateau schedule, plain early stopping fires ``patience`` epochs after the last
+    improvement whatever the rate is then: a run whose validation loss is noisy at a high rate
+    (a large fine-tuning rate, a pre-trained start that first drifts) stops before the schedule
+    has annealed it. Here the epochs without improvement are counted as usual, but the stop waits
+    until the plateau schedule has reached its floor; a non-finite monitored value still stops
+    at once."""
+
+    def __init__(self, min_lr: float, **kwargs):
+        super().__init__(**kwargs)
+        self.min_lr = min_lr
+        self._at_floor = False
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+        self._at_floor = bool(lrs) and max(lrs) <= self.min_lr * (1.0 + 1e-6)
+        super()._run_early_stopping_check(trainer)
+
+    def _evaluate_stopping_criteria(self, current):
+        before = getattr(self, "stopping_reason", None)  # Lightning >= 2.6 records why it stopped
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        # no threshold is set here, so a finite value stops only for want of patience: hold it back
+        if should_stop and bool(torch.isfinite(current)) and not self._at_floor:
+            if before is not None:
+                self.stopping_reason = before
+            return False, None
+        return should_stop, reason
 
 
 class LearningCurvePlot(pl.Callback):

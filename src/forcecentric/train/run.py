@@ -29,7 +29,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..evaluation import check_elements, evaluate, fit_atomrefs, write_json
 from ..nn.model import ForceField
-from .callbacks import AtomicCheckpointIO, LearningCurvePlot, RunDirCSVLogger
+from .callbacks import AtomicCheckpointIO, EarlyStoppingAtMinLR, LearningCurvePlot, RunDirCSVLogger
 from .datamodule import ForceFieldDataModule, dataset_elements, force_rms, sample_records
 from .lightning_module import ForceFieldModule, PropertyModule
 
@@ -155,8 +155,10 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                          train_time_interval=timedelta(minutes=t.checkpoint_every_minutes)))
     if t.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
-                                       strict=False))  # a resumed epoch end has no metrics yet
+        # strict=False: a resumed epoch end has no metrics yet
+        stop = dict(monitor="val/loss", mode="min", patience=t.early_stopping_patience, strict=False)
+        callbacks.append(EarlyStoppingAtMinLR(min_lr=cfg.optim.min_lr, **stop) if t.early_stopping_at_min_lr
+                         else EarlyStopping(**stop))
     if cfg.optim.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
     if t.progress_bar:
