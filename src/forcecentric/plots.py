@@ -197,14 +197,13 @@ def md_energy_traces(traces: dict[str, tuple[list, list]], molecule: str, out_pn
 def study_learning_curves(summary: list[dict], title: str, out_png: str | Path) -> Path:
     """Test force MAE against training-set size, log-log, one line per model (mean ± std)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    models = []
+    models = {}  # model -> its setting; "none" marks the from-scratch models
     for s in summary:
-        if s["model"] not in models:
-            models.append(s["model"])
-    for model in models:
+        models.setdefault(s["model"], s["setting"])
+    for model, setting in models.items():
         pts = sorted((s["n_train"], s["force_mae_mean"], s["force_mae_std"]) for s in summary if s["model"] == model)
         n, m, e = (np.array(x, dtype=float) for x in zip(*pts))
-        style = dict(ls="--", color="black") if model.startswith("scratch") else {}
+        style = dict(ls="--", color="black") if setting == "none" else {}
         ax.errorbar(n, m, yerr=e, marker="o", ms=4, capsize=2, label=model, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -222,7 +221,7 @@ def study_bars(summary: list[dict], title: str, out_png: str | Path) -> Path:
     means = [s["force_mae_mean"] for s in summary]
     stds = [s["force_mae_std"] for s in summary]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(labels) + 1.5), 4.2))
-    colors = ["0.4" if s["model"].startswith("scratch") else "C0" if s["setting"] == "unseen" else "C1" for s in summary]
+    colors = ["0.4" if s["setting"] == "none" else "C0" if s["setting"] == "unseen" else "C1" for s in summary]
     ax.bar(range(len(labels)), means, yerr=stds, color=colors, capsize=2)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)

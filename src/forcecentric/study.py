@@ -460,12 +460,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["molecule"], r["setting"], r["model"], r["n_train"], ft), []).append(r)
     scratch = {(k[0], k[2], k[3], k[4]): np.mean([r["force_mae"] for r in v])
                for k, v in groups.items() if is_scratch(k[2])}
+    scratch_runs = {k[:3] for k in scratch}
     out = []
     for (mol, setting, model, n, ft), rs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][4] != DEFAULT_FT, kv[0][4], kv[0][1], kv[0][2])):
         f = np.array([r["force_mae"] for r in rs])
         e = np.array([r["energy_mae"] for r in rs if r["energy_mae"] is not None])
-        base = None if is_scratch(model) else baseline(model, {(k[0], k[1], k[2]) for k in scratch}, mol, n)
+        base = None if is_scratch(model) else baseline(model, scratch_runs, mol, n)
         # a variant is compared with scratch fine-tuned the same way when that exists
         s = scratch.get((mol, base, n, ft), scratch.get((mol, base, n, DEFAULT_FT)))
         out.append({
