@@ -154,31 +154,60 @@ class ForceField(nn.Module):
     def compile_inference(self, **compile_kwargs) -> "ForceField":
         """Compile the energy with ``torch.compile`` (dynamic shapes) for inference: MD, evaluation.
 
-        Forces stay ``-dE/dpos`` by autograd through the compiled graph; the results equal the
-        eager path's to float rounding. The first call compiles (tens of seconds to minutes on
-        a CPU; Inductor caches the kernels on disk for later processes); new atom and edge counts
-        do not recompile. Training through a compiled model (forces with ``create_graph``) is
-        refused: call :meth:`disable_compile` first. Export (TorchScript) an uncompiled model.
+        Forces stay ``-dE/dpos`` by autograd through the compiled graph. The first call compiles
+        (tens of seconds to minutes on a CPU; Inductor caches the kernels on disk for later
+        processes); new atom and edge counts do not recompile. Training through a compiled model
+        (forces with ``create_graph``) is refused: call :meth:`disable_compile` first. Export
+        (TorchScript) an uncompiled model.
+
+        The first call with forces also runs the eager model and compares: Inductor (torch 2.13,
+        CPU, dynamic shapes) generated code that gave wrong forces (energies right) for some ET
+        sizes, e.g. 0.006-0.014 eV/A off for F=64 with 3 layers. If the forces differ by more
+        than float rounding, a ``RuntimeWarning`` says so and the model goes back to the eager
+        path for good. :attr:`compile_check` holds the comparison. On a CPU the fused kernels
+        (the calculator's default) are faster than the compiled graph anyway.
         """
         # per-atom energies only: the sum over molecules stays eager (Inductor's CPU code for a
         # scatter into a one-element output fails with several threads, torch 2.13)
         self.__dict__["_atom_energy"] = torch.compile(
-            ForceField._atom_energy_no_rep_grad.__get__(self), dynamic=True, **compile_kwargs
+            ForceField._atom_energy.__get__(self), dynamic=True, **compile_kwargs
         )
+        self.__dict__["_compile_check"] = None
         return self
 
     @torch.jit.unused
-    def _atom_energy_no_rep_grad(
-        self, z: Tensor, pos: Tensor, batch: Tensor, edge_index: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_atom_energy` with the representation returned detached: what
-        :meth:`compile_inference` compiles. With ``vec`` a differentiable output of the compiled
-        graph, Inductor (torch 2.13, CPU) returned wrong gradients to the positions for ETs of two
-        layers or more (forces off by 0.03 of 0.19 eV/A) while the energies were right; nothing
-        differentiates ``x`` or ``vec`` in inference (the denoising head's output is a prediction)."""
-        # the class's method: the instance attribute ``_atom_energy`` is the compiled function
-        atom_energy, x, vec = ForceField._atom_energy(self, z, pos, batch, edge_index)
-        return atom_energy, x.detach(), vec.detach()
+    def _compiled_forces_ok(
+        self, z: Tensor, pos: Tensor, batch: Tensor, n_graphs: int, edge_index: Tensor, out: Dict[str, Tensor]
+    ) -> bool:
+        """The first compiled call's forces against the eager model's (see compile_inference); on a
+        mismatch the model goes back to the eager path and this returns False."""
+        import warnings
+
+        compiled = self.__dict__.pop("_atom_energy")
+        try:
+            with torch.enable_grad():
+                ref = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
+        finally:
+            self.__dict__["_atom_energy"] = compiled
+        dev = float((out["forces"].detach() - ref["forces"].detach()).abs().max()) if pos.numel() else 0.0
+        scale = float(ref["forces"].detach().abs().max()) if pos.numel() else 0.0
+        rel = 1e-4 if pos.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        tolerance = rel * (1.0 + scale)
+        passed = dev <= tolerance  # a NaN fails too
+        self.__dict__["_compile_check"] = {
+            "max_abs_force_deviation": dev, "tolerance": tolerance, "passed": passed, "torch": torch.__version__,
+        }
+        if passed:
+            return True
+        self.disable_compile()
+        warnings.warn(
+            f"torch.compile gave forces {dev:.2e} eV/A away from the eager model's on the first call "
+            f"(tolerance {tolerance:.1e}; torch {torch.__version__}, {pos.device.type}): the model is back on "
+            f"the eager path (model.compile_check has the numbers)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
 
     @torch.jit.unused
     def use_fused_kernels(self, enabled: bool = True) -> "ForceField":
@@ -210,6 +239,13 @@ class ForceField(nn.Module):
     def is_compiled(self) -> bool:
         return "_atom_energy" in self.__dict__
 
+    @property
+    @torch.jit.unused
+    def compile_check(self) -> Optional[Dict[str, object]]:
+        """The first compiled call's comparison with the eager model (``None`` before it):
+        ``max_abs_force_deviation`` (eV/A), ``tolerance``, ``passed``, ``torch``."""
+        return self.__dict__.get("_compile_check")
+
     @torch.jit.unused
     def _energy_and_forces_eager(
         self,
@@ -225,15 +261,12 @@ class ForceField(nn.Module):
             # inference tensors cannot enter an autograd graph: leave inference mode locally
             # and work on ordinary copies (the results are plain tensors without graph)
             with torch.inference_mode(False), torch.enable_grad():
-                return self._energy_and_forces(
-                    z.clone(),
-                    pos.clone(),
-                    batch.clone(),
-                    n_graphs,
-                    edge_index.clone(),
-                    False,
-                    False,
-                )
+                z, pos, batch, edge_index = z.clone(), pos.clone(), batch.clone(), edge_index.clone()
+                out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
+                if self.is_compiled and self.compile_check is None \
+                        and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
+                    out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
+                return out
         if make_graph and self.representation.fused:
             raise RuntimeError(
                 "this model runs the fused inference kernels (use_fused_kernels); forces with "
@@ -245,9 +278,14 @@ class ForceField(nn.Module):
                 "(training) need the eager model: call model.disable_compile() first"
             )
         with torch.enable_grad():
-            return self._energy_and_forces(
+            out = self._energy_and_forces(
                 z, pos, batch, n_graphs, edge_index, make_graph, keep_graph
             )
+        if self.is_compiled and self.compile_check is None \
+                and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
+            with torch.enable_grad():  # eager now, with the caller's graph settings
+                out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
+        return out
 
     def _energy_and_forces(
         self,
