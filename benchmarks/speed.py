@@ -43,6 +43,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS = ("mace", "nequip", "torchmd-net-et")
+#: the benchmark's geometries (made once by molecules(); every machine times the same structures)
+MOLECULES_FILE = HERE / "speed_molecules.json"
 MOLECULES = {
     "ethanol": "CCO",
     "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
@@ -88,6 +90,23 @@ def molecules() -> list[dict]:
     z, pos = water_cluster()
     out.append({"name": f"water cluster ({len(z) // 3} H2O)", "smiles": None, "numbers": z, "positions": pos})
     return out
+
+
+def load_or_make_molecules(path: Path | None) -> list[dict]:
+    """The benchmark's structures: read from ``path`` when it exists (the same geometries on every
+    machine, and no RDKit needed there), else made by :func:`molecules` (and written to ``path``)."""
+    if path is not None and path.is_file():
+        mols = json.loads(path.read_text())
+        for k, m in enumerate(mols):
+            if not {"name", "numbers", "positions"} <= set(m) or len(m["numbers"]) != len(m["positions"]):
+                raise SystemExit(f"{path}: record {k} needs name, numbers and positions of equal length")
+        return mols
+    mols = molecules()
+    if path is not None:
+        from forcecentric.evaluation import write_json
+
+        write_json(mols, path)
+    return mols
 
 
 def gemm_gflops(threads: int, device: str, n: int = 1024) -> float:
@@ -150,7 +169,9 @@ def run_worker(python: str, model: str, variant: str, size: str, mol_file: Path,
     t = time.time()
     print(f"  {model} {variant} {size} ({python}) ...", flush=True, end="")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
-    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    # one row per molecule: the worker's last (our ET's come again with the force check)
+    rows = list({r["molecule"]: r for r in (json.loads(line[4:]) for line in proc.stdout.splitlines()
+                                           if line.startswith("ROW "))}.values())
     print(f" {time.time() - t:.0f} s, {len(rows)} rows", flush=True)
     if proc.returncode != 0 or not rows:
         err = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -231,9 +252,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
             elif r.get("error"):
                 cells.append("error")
             else:
-                cells.append(f"{r['latency_ms_median']:.1f} ({r['ratio_to_ours']:.2f}×)")
+                fell_back = (r.get("compile_check") or {}).get("passed") is False
+                cells.append(f"{r['latency_ms_median']:.1f} ({r['ratio_to_ours']:.2f}×)" + ("†" if fell_back else ""))
         label = model + (f" ({variant})" if model == "forcecentric-et" else "")
         lines.append(f"| {label} | {size} | {params or ''} | " + " | ".join(cells) + " |")
+    if any((r.get("compile_check") or {}).get("passed") is False for r in rows):
+        lines.append("\n† compiled forces differed from the eager model's on the first call "
+                     "(compile_check in the JSON): the model ran the eager path")
     errors = {(r["model"], r["error"]) for r in rows if r.get("error")}
     if errors:
         lines.append("\nErrors:\n")
@@ -260,7 +285,9 @@ def plot(rows: list[dict], out_png: Path, size: str = "paper") -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("atoms")
     ax.set_ylabel("energy + forces, one structure (ms)")
-    ax.set_title(f"latency vs size ({size} size models)")
+    machine = next((r["machine"] for r in rows if r.get("machine")), {})
+    where = machine.get("gpu") or f"{machine.get('cpu', 'cpu')}, {rows[0].get('threads', '?')} threads"
+    ax.set_title(f"latency vs size ({size} size models)\n{where}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _write_png(fig, out_png)
@@ -282,6 +309,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--passes", type=int, default=1, help="2: forwards then backwards, median of the passes")
     p.add_argument("--only-molecules", default=None, help="comma-separated subset of molecule names")
+    p.add_argument("--molecules-file", default=str(MOLECULES_FILE),
+                   help="JSON list of {name, numbers, positions}: read if it exists, else made (RDKit, ASE) "
+                        "and written there")
     p.add_argument("--worker-timeout", type=float, default=3600)
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "figures" / "speed_scaling.png"))
@@ -289,7 +319,7 @@ def main() -> None:
                    help="only redo the FLOP fields of the results file --out (no timing runs)")
     args = p.parse_args()
     if args.recount_flops:
-        recount_flops(Path(args.out), Path(args.plot))
+        recount_flops(Path(args.out), Path(args.plot), Path(args.molecules_file))
         return
 
     from forcecentric.provenance import machine_info, versions
@@ -298,7 +328,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the run: timings will be noisy", file=sys.stderr)
-    mols = molecules()
+    mols = load_or_make_molecules(Path(args.molecules_file))
     if args.only_molecules:
         keep = args.only_molecules.split(",")
         mols = [m for m in mols if m["name"] in keep or m["name"].split(" ")[0] in keep]
@@ -364,12 +394,12 @@ def write_reports(rows: list[dict], meta: dict, out: Path, plot_png: Path) -> No
     print(f"results: {out}")
 
 
-def recount_flops(path: Path, plot_png: Path) -> None:
+def recount_flops(path: Path, plot_png: Path, molecules_file: Path = MOLECULES_FILE) -> None:
     """Redo the FLOP fields of an existing results file (the count does not depend on the timings;
     the GEMM rate is the one measured in that run) and rewrite its JSON, table and plot."""
     rows = json.loads(path.read_text())
     names = {r["molecule"] for r in rows}
-    mols = [m for m in molecules() if m["name"] in names]
+    mols = [m for m in load_or_make_molecules(molecules_file) if m["name"] in names]
     missing = names - {m["name"] for m in mols}
     if missing:
         raise SystemExit(f"{path}: molecules {sorted(missing)} are not among this script's molecules")

@@ -3,7 +3,8 @@
     python benchmarks/speed_worker.py --model forcecentric-et --variant eager --size paper \
         --molecules molecules.json --threads 2 --device cpu --dtype float32
 
-Prints one JSON object per molecule on stdout (lines starting with ``ROW ``). Every timing is
+Prints one JSON object per molecule on stdout (lines starting with ``ROW ``; our ET's rows come
+again at the end with the force check, and the last one counts). Every timing is
 end to end, from numpy positions to numpy forces, including the model's own neighbour search:
 ``latency_ms_median`` for one structure (after warm-up), ``batch_ms_median`` for a batch of
 ``--batch`` copies in one model call, ``md_steps_per_s`` of velocity-Verlet MD through an ASE
@@ -49,6 +50,11 @@ class Ours:
         self.settings = {**SIZES[size], "variant": variant, "forcecentric": forcecentric.__version__,
                          "neighbour_list": "forcecentric radius_graph (dense below 64 atoms, vesin above)"}
         self._fused = variant == "fused"
+        import copy
+
+        # an eager copy for the force check against the plain float64 path (compile works in place)
+        self._eager_copy = copy.deepcopy(model)
+        self._reference = None
         self._single = forcecentric.Calculator(model, device=device, dtype=dtype, skin=0.0,
                                                compile=variant == "compiled", fused=self._fused)
         self._md_model = self._single.model
@@ -65,6 +71,23 @@ class Ours:
 
         mols = [Atoms(numbers=z, positions=p) for z, p in zip(numbers_list, positions_list)]
         return self._single.predict(mols, batch_size=len(mols))
+
+    def compile_check(self):
+        """The compiled model's first-call check against eager (None for other variants)."""
+        return getattr(self._single.model, "compile_check", None)
+
+    def force_deviation(self, numbers, positions) -> float:
+        """Largest |F - F_ref| (eV/A) of this variant against the plain float64 path (run after
+        every timing and memory reading: the float64 pass would raise the peaks)."""
+        import forcecentric
+        from ase import Atoms
+
+        if self._reference is None:
+            self._reference = forcecentric.Calculator(self._eager_copy, device=self._device, dtype="float64",
+                                                      skin=0.0, fused=False)
+        _, f = self._single.predict([Atoms(numbers=numbers, positions=positions)], batch_size=1)
+        _, ref = self._reference.predict([Atoms(numbers=numbers, positions=positions)], batch_size=1)
+        return float(np.abs(f[0] - ref[0]).max())
 
     def calculator(self):
         import forcecentric
@@ -126,6 +149,7 @@ def run(args) -> None:
         model = build(args.model, device=args.device, dtype=args.dtype, size=args.size)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
+    checked = []
     for mol in molecules:
         z = np.array(mol["numbers"])
         pos = np.array(mol["positions"], dtype=float)
@@ -138,6 +162,9 @@ def run(args) -> None:
             t = time.perf_counter()
             model.energy_forces(z, pos)  # first call: graph capture / compilation
             row["first_call_s"] = round(time.perf_counter() - t + (build_s if mol is molecules[0] else 0.0), 3)
+            if hasattr(model, "compile_check"):
+                # a compiled model whose first call's forces were off is back on the eager path
+                row["compile_check"] = model.compile_check()
             big = len(z) > args.big_atoms  # seconds per call for some models: fewer repeats
             times = timed(lambda: model.energy_forces(z, pos), args.device, 1 if big else args.warmup,
                           3 if big else args.repeats, args.budget_s)
@@ -161,6 +188,16 @@ def run(args) -> None:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc(limit=5)
         print("ROW " + json.dumps(row), flush=True)
+        checked.append((row, z, pos))
+    if hasattr(model, "force_deviation"):
+        # after all readings; each row is printed again with the check (the last row counts)
+        for row, z, pos in checked:
+            if row["error"] is None:
+                try:
+                    row["force_max_abs_dev_vs_eager_fp64"] = model.force_deviation(z, pos)
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    row["force_check_error"] = f"{type(exc).__name__}: {exc}"
+                print("ROW " + json.dumps(row), flush=True)
 
 
 def md_rate(model, z, pos, args) -> float:

@@ -27,13 +27,28 @@ def test_worker_row_for_our_et(tmp_path, variant):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line[4:]) for line in res.stdout.splitlines() if line.startswith("ROW ")]
-    assert len(rows) == 1
-    row = rows[0]
+    # the row, then the same row again with the force check, run after every reading
+    assert len(rows) == 2 and "force_max_abs_dev_vs_eager_fp64" not in rows[0]
+    row = rows[1]
+    assert {k: v for k, v in row.items() if k != "force_max_abs_dev_vs_eager_fp64"} == rows[0]
     assert row["error"] is None, row.get("traceback")
     assert row["variant"] == variant and row["settings"]["variant"] == variant
     assert row["model"] == "forcecentric-et" and row["n_atoms"] == 3 and row["num_parameters"] == 207617
     assert row["latency_ms_median"] > 0 and row["throughput_structures_per_s"] > 0 and row["md_steps_per_s"] > 0
     assert row["peak_rss_mb"] > 0
+    assert 0 <= row["force_max_abs_dev_vs_eager_fp64"] < 1e-4  # the variant's forces are the plain path's
+
+
+def test_molecules_file_is_written_once_then_read(tmp_path, monkeypatch):
+    made = [{"name": "water", "numbers": [8, 1, 1], "positions": [[0.0, 0.0, 0.1], [0.0, 0.8, -0.5], [0.0, -0.8, -0.5]]}]
+    monkeypatch.setattr(speed, "molecules", lambda: made)
+    path = tmp_path / "mols.json"
+    assert speed.load_or_make_molecules(path) == made and json.loads(path.read_text()) == made
+    monkeypatch.setattr(speed, "molecules", lambda: pytest.fail("regenerated instead of read"))
+    assert speed.load_or_make_molecules(path) == made
+    path.write_text(json.dumps([{"name": "bad", "numbers": [1, 1], "positions": [[0, 0, 0]]}]))
+    with pytest.raises(SystemExit, match="record 0"):
+        speed.load_or_make_molecules(path)
 
 
 def test_ratios_and_table_mark_errors():
@@ -82,7 +97,7 @@ def test_flop_count_is_the_energy_and_forces_call_without_weight_gradients():
     assert counter.get_total_flops() > counted
 
 
-def test_recount_flops_rewrites_only_the_flop_fields(tmp_path, monkeypatch):
+def test_recount_flops_rewrites_only_the_flop_fields(tmp_path):
     rows = [{"model": "forcecentric-et", "variant": "fused", "size": "demo", "molecule": "water", "n_atoms": 3,
              "latency_ms_median": 2.0, "ratio_to_ours": 1.0, "num_parameters": 5, "error": None, "run_id": "r", "threads": 2,
              "dtype": "float32", "machine": {"device": "cpu"}, "gemm_gflops": 100.0, "matmul_gflop": 99.0},
@@ -91,8 +106,9 @@ def test_recount_flops_rewrites_only_the_flop_fields(tmp_path, monkeypatch):
              "dtype": "float32", "machine": {"device": "cpu"}, "gemm_gflops": 100.0}]
     path = tmp_path / "speed.json"
     path.write_text(json.dumps(rows))
-    monkeypatch.setattr(speed, "molecules", lambda: [WATER])  # the file's molecule, no RDKit embedding
-    speed.recount_flops(path, tmp_path / "plot.png")
+    mols = tmp_path / "molecules.json"
+    mols.write_text(json.dumps([WATER]))
+    speed.recount_flops(path, tmp_path / "plot.png", mols)
     new = json.loads(path.read_text())
     flops = speed.flop_counts([WATER], "demo")["water"]
     assert new[0]["matmul_gflop"] == round(flops / 1e9, 4)
