@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-runs/gpu_check}
 WHEELS=${WHEELS:-}
-TEST_S=${TEST_S:-150}
+TEST_S=${TEST_S:-300}
 SPEED_S=${SPEED_S:-380}
 SPEED_ARGS=${SPEED_ARGS:---sizes paper --variants eager,compiled --threads 4 --budget-s 2}
 mkdir -p "$OUT"

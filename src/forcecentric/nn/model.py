@@ -162,7 +162,7 @@ class ForceField(nn.Module):
 
         The first call with forces also runs the eager model and compares: Inductor (torch 2.13,
         CPU, dynamic shapes) generated code that gave wrong forces (energies right) for some ET
-        sizes, e.g. 0.006-0.014 eV/A off for F=64 with 3 layers. If the forces differ by more
+        sizes, e.g. 0.006-0.033 eV/A off for F=64 with 3 layers. If the forces differ by more
         than float rounding, a ``RuntimeWarning`` says so and the model goes back to the eager
         path for good. :attr:`compile_check` holds the comparison. On a CPU the fused kernels
         (the calculator's default) are faster than the compiled graph anyway.
