@@ -13,6 +13,11 @@ from forcecentric.config import ModelConfig
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def edge_set(edge_index: torch.Tensor) -> set[tuple[int, int]]:
+    """The pairs of a ``[2, E]`` edge index (on any device) as a set of ``(i, j)``."""
+    return set(map(tuple, edge_index.cpu().t().tolist()))
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)

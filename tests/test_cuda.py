@@ -15,6 +15,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 import forcecentric
+from conftest import edge_set
 from forcecentric.nn import VerletList, radius_graph
 from forcecentric.nn.neighbors import DENSE_MAX_ATOMS_CUDA
 from forcecentric.nn.model import ForceField
@@ -22,10 +23,6 @@ from forcecentric.nn.model import ForceField
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = "cuda"
-
-
-def _edges(edge_index: torch.Tensor) -> set[tuple[int, int]]:
-    return set(map(tuple, edge_index.cpu().t().tolist()))
 
 
 def _batch_of(*names: str, gap: float = 20.0):
@@ -45,7 +42,7 @@ def test_model_on_cuda_gives_the_cpu_energies_and_forces(tiny_config, dtype, ato
     pos = pos.to(dtype)
     ref = model(z, pos, batch)
     got = model.to(CUDA)(z.to(CUDA), pos.to(CUDA), batch.to(CUDA))
-    assert got["energy"].device.type == torch.device(CUDA).type and got["forces"].device.type == torch.device(CUDA).type
+    assert got["energy"].device.type == "cuda" and got["forces"].device.type == "cuda"
     assert got["forces"].dtype == dtype and torch.isfinite(got["forces"]).all()
     torch.testing.assert_close(got["energy"].cpu(), ref["energy"], atol=atol * 10, rtol=0)
     torch.testing.assert_close(got["forces"].cpu(), ref["forces"], atol=atol, rtol=0)
@@ -72,13 +69,13 @@ def test_radius_graph_on_cuda_equals_cpu_and_verlet_list_reuses_it(n_atoms):
     batch[n_atoms // 3:] = 1
     ref = radius_graph(pos, batch, 3.0)
     got = radius_graph(pos.to(CUDA), batch.to(CUDA), 3.0)
-    assert got.device.type == torch.device(CUDA).type and got.dtype == torch.long
-    assert _edges(got) == _edges(ref) and ref.shape[1] > 0
+    assert got.device.type == "cuda" and got.dtype == torch.long
+    assert edge_set(got) == edge_set(ref) and ref.shape[1] > 0
     nl = VerletList(cutoff=3.0, skin=0.5)
     p = pos.to(CUDA)
     for _ in range(10):
         p = p + 0.02 * torch.randn(p.shape, dtype=p.dtype, device=CUDA)
-        assert _edges(nl(p, batch.to(CUDA))) == _edges(radius_graph(p.cpu(), batch, 3.0))
+        assert edge_set(nl(p, batch.to(CUDA))) == edge_set(radius_graph(p.cpu(), batch, 3.0))
     assert nl.n_builds < nl.n_calls
 
 
@@ -126,7 +123,7 @@ def test_exported_artifact_runs_on_cuda(model_path, tmp_path):
     z, pos, batch = _batch_of("CH3CH2OH", "CH3COOH")
     ref = forcecentric.load(model_path, dtype="float64")(z, pos, batch)
     got = frozen(z.to(CUDA), pos.to(CUDA), batch.to(CUDA))
-    assert got["forces"].device.type == torch.device(CUDA).type
+    assert got["forces"].device.type == "cuda"
     torch.testing.assert_close(got["energy"].cpu(), ref["energy"], atol=1e-8, rtol=0)
     torch.testing.assert_close(got["forces"].cpu(), ref["forces"], atol=1e-8, rtol=0)
 

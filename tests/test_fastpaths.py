@@ -16,15 +16,10 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 import forcecentric
+from conftest import edge_set
 from forcecentric.errors import CheckpointError, ElementError
 from forcecentric.export import FrozenModel, dense_radius_graph, export, is_exported
 from forcecentric.nn import VerletList, radius_graph
-
-
-
-
-def _edges(edge_index: torch.Tensor) -> set[tuple[int, int]]:
-    return set(map(tuple, edge_index.t().tolist()))
 
 
 def test_verlet_list_equals_a_fresh_search_along_a_trajectory():
@@ -35,7 +30,7 @@ def test_verlet_list_equals_a_fresh_search_along_a_trajectory():
     for _ in range(60):
         pos = pos + 0.04 * torch.randn(pos.shape, generator=gen, dtype=torch.float64)
         got = nl(pos, batch)
-        assert _edges(got) == _edges(radius_graph(pos, batch, 3.0))
+        assert edge_set(got) == edge_set(radius_graph(pos, batch, 3.0))
     assert nl.n_calls == 60 and 1 < nl.n_builds < 30  # reused, and rebuilt as atoms moved
     builds = nl.n_builds
     nl(pos, torch.tensor([0] * 20 + [1] * 20))  # other molecules: searched again
@@ -80,7 +75,7 @@ def test_dense_graph_of_the_artifact_equals_the_library_graph():
     gen = torch.Generator().manual_seed(3)
     pos = torch.rand(30, 3, generator=gen) * 7.0
     batch = torch.tensor([0] * 12 + [1] * 18)
-    assert _edges(dense_radius_graph(pos, batch, 4.0)) == _edges(radius_graph(pos, batch, 4.0))
+    assert edge_set(dense_radius_graph(pos, batch, 4.0)) == edge_set(radius_graph(pos, batch, 4.0))
 
 
 def test_exported_artifact_gives_the_checkpoint_energies_and_forces(model_path, tmp_path):

@@ -184,9 +184,8 @@ class ForceField(nn.Module):
         import warnings
 
         compiled = self.__dict__.pop("_atom_energy")
-        try:
-            with torch.enable_grad():
-                ref = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
+        try:  # called with grad enabled (_checked_energy_and_forces)
+            ref = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
         finally:
             self.__dict__["_atom_energy"] = compiled
         dev = float((out["forces"].detach() - ref["forces"].detach()).abs().max()) if pos.numel() else 0.0
@@ -261,12 +260,9 @@ class ForceField(nn.Module):
             # inference tensors cannot enter an autograd graph: leave inference mode locally
             # and work on ordinary copies (the results are plain tensors without graph)
             with torch.inference_mode(False), torch.enable_grad():
-                z, pos, batch, edge_index = z.clone(), pos.clone(), batch.clone(), edge_index.clone()
-                out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
-                if self.is_compiled and self.compile_check is None \
-                        and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
-                    out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
-                return out
+                return self._checked_energy_and_forces(
+                    z.clone(), pos.clone(), batch.clone(), n_graphs, edge_index.clone(), False, False
+                )
         if make_graph and self.representation.fused:
             raise RuntimeError(
                 "this model runs the fused inference kernels (use_fused_kernels); forces with "
@@ -277,13 +273,25 @@ class ForceField(nn.Module):
                 "this model is compiled for inference (compile_inference); forces with create_graph "
                 "(training) need the eager model: call model.disable_compile() first"
             )
+        return self._checked_energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
+
+    @torch.jit.unused
+    def _checked_energy_and_forces(
+        self,
+        z: Tensor,
+        pos: Tensor,
+        batch: Tensor,
+        n_graphs: int,
+        edge_index: Tensor,
+        make_graph: bool,
+        keep_graph: bool,
+    ) -> Dict[str, Tensor]:
+        """:meth:`_energy_and_forces` with grad enabled; a compiled model's first call is checked
+        against the eager model and, if it fails, computed again on the eager path."""
         with torch.enable_grad():
-            out = self._energy_and_forces(
-                z, pos, batch, n_graphs, edge_index, make_graph, keep_graph
-            )
-        if self.is_compiled and self.compile_check is None \
-                and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
-            with torch.enable_grad():  # eager now, with the caller's graph settings
+            out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
+            if self.is_compiled and self.compile_check is None \
+                    and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
                 out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
         return out
 
