@@ -259,7 +259,7 @@ class ForceField(nn.Module):
         if torch.is_inference_mode_enabled():
             # inference tensors cannot enter an autograd graph: leave inference mode locally
             # and work on ordinary copies (the results are plain tensors without graph)
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False):
                 return self._checked_energy_and_forces(
                     z.clone(), pos.clone(), batch.clone(), n_graphs, edge_index.clone(), False, False
                 )
