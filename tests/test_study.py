@@ -93,6 +93,67 @@ def test_the_shipped_preset_plans_the_issue_grid():
                     for j in jobs if j.key["molecule"] == mol}) == 1
 
 
+def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
+    """configs/study_paper.yaml: the paper's ET size everywhere, an EMA suited to short pre-trainings,
+    annealed early stopping in every fine-tuning, one rate grid for every model, and the first round's
+    target splits (same files, same validation and test sizes), so the two rounds compare."""
+    cfg, first = load_study_config("study_paper"), load_study_config("study")
+    pre, jobs = pretrain_jobs(cfg), finetune_jobs(cfg)
+    assert {j.key["model"] for j in pre} == set(OBJECTIVES)
+    for j in pre + jobs:
+        m = j.config["model"]
+        assert (m["hidden_channels"], m["num_layers"], m["num_heads"]) == (128, 6, 8)
+    assert {j.config["optim"]["ema_decay"] for j in pre} == {0.99}
+    assert all(j.config["trainer"]["early_stopping_at_min_lr"] for j in jobs)
+    rates = {}
+    for j in jobs:
+        if j.key["n_train"] == 50 and j.key["seed"] == 0 and j.key["molecule"] == "ethanol":
+            rates.setdefault(j.key["model"], set()).add(j.config["optim"]["lr"])
+    assert rates == {m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch",) + tuple(OBJECTIVES)}
+    for name in ("ethanol", "3BPA"):
+        a, b = cfg.targets[name], first.targets[name]
+        assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
+
+
+def test_the_gpu_round_script_collects_finished_runs_without_checkpoints(tmp_path):
+    """benchmarks/study_paper_gpu.sh collect: finished fine-tunings (metrics.json) and the pre-training
+    records travel back without their checkpoints; each pre-trained model comes back as NAME.ckpt."""
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "study_paper_gpu.sh"
+    work, dest = tmp_path / "work", tmp_path / "back"
+    files = {
+        "finetune/ethanol/scratch/n50_seed0/metrics.json": "{}",
+        "finetune/ethanol/scratch/n50_seed0/model.ckpt": "w",
+        "finetune/ethanol/scratch/n50_seed0/checkpoints/last.ckpt": "w",
+        "finetune/ethanol/scratch/n50_seed1/metrics.csv": "unfinished",
+        "finetune/ethanol/scratch/n50_seed1/checkpoints/last.ckpt": "w",
+        "pretrain/unseen/forces_only/metrics.json": "{}",
+        "pretrain/unseen/forces_only/model.ckpt": "pre-trained",
+        "pretrain/unseen/forces_only/checkpoints/last.ckpt": "w",
+        "logs/start": "0",
+        "logs/gpu.txt": "cpu",
+        "logs/pretrain.log": "INFO noise\nthe pre-training log",
+    }
+    for rel, text in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    proc = subprocess.run(["bash", str(script), "collect", str(dest)], env={"WORK": str(work), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(dest / "finetune.tgz") as tar:
+        names = {n for n in tar.getnames() if not tar.getmember(n).isdir()}
+    assert names == {"finetune/ethanol/scratch/n50_seed0/metrics.json"}
+    with tarfile.open(dest / "pretrain.tgz") as tar:
+        names = {n for n in tar.getnames() if not tar.getmember(n).isdir()}
+    assert names == {"pretrain/unseen/forces_only/metrics.json"}
+    assert (dest / "forces_only.ckpt").read_text() == "pre-trained"
+    log = (dest / "logs.txt").read_text()
+    assert "finished fine-tunings: 1" in log and "the pre-training log" in log and "INFO noise" not in log
+
+
 def test_planning_skips_sizes_the_pool_cannot_give_and_limits_ablations(tmp_path):
     cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
     before = finetune_jobs(cfg)
