@@ -1,15 +1,17 @@
 """How far apart are the pre-training labels (GFN2-xTB) and the DFT targets of the study?
 
-For 100 test frames of each DFT target of `configs/study.yaml` this computes GFN2-xTB forces
-(tblite) at the DFT geometries and compares them with the DFT forces, and evaluates every
-pre-trained model of the study before any fine-tuning ("zero-shot") against both. Writes
-benchmarks/results/study_gap.json.
+For 100 test frames of each DFT target of a study config (`configs/study.yaml` by default) this
+computes GFN2-xTB forces (tblite) at the DFT geometries and compares them with the DFT forces, and
+evaluates every pre-trained model of the study before any fine-tuning ("zero-shot") against both.
+Writes benchmarks/results/study_gap.json (or --out).
 
     python benchmarks/study_gap.py            # after `forcecentric study --phase pretrain`
+    python benchmarks/study_gap.py -c study_paper --out benchmarks/results/study_paper_gap.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -27,10 +29,14 @@ N_FRAMES = 100
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--config", default="study", help="study config (YAML file or preset name)")
+    ap.add_argument("--out", default="benchmarks/results/study_gap.json", help="results JSON")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_study_config("study")
-    out: dict = {"machine": machine_info("cpu"), "n_frames": N_FRAMES, "units": "meV/A (forces), meV (energies)",
-                 "targets": {}}
+    cfg = load_study_config(args.config)
+    out: dict = {"machine": machine_info("cpu"), "config": args.config, "n_frames": N_FRAMES,
+                 "units": "meV/A (forces), meV (energies)", "targets": {}}
     models = [j for j in pretrain_jobs(cfg) if j.done]
     for target, tc in cfg.targets.items():
         if "DFT" not in tc.kind:
@@ -60,7 +66,7 @@ def main() -> None:
             }
         out["targets"][target] = row
         print(target, json.dumps({k: v for k, v in row.items() if k != "zero_shot"}))
-    write_json(out, "benchmarks/results/study_gap.json")
+    write_json(out, args.out)
 
 
 if __name__ == "__main__":
