@@ -361,9 +361,13 @@ def test_tuned_summary_chooses_each_models_variant_on_validation_only():
                  # full: the better test error sits with the worse validation error: not chosen
                  row("full", "default", seed, 50.0, 50.0), row("full", "lr1e-3", seed, 60.0, 40.0)]
     rows.append(row("scratch", "lr2e-3", 0, 10.0, 10.0))  # fewer seeds than the others: not a candidate
-    rows.append(row("forces_only", "default", 0, 55.0, 55.0))  # one variant only: not in the table
+    rows.append(row("forces_only", "default", 0, 55.0, 55.0))  # one variant only: listed with it
+    rows.append(row("scratch", "default", 0, 90.0, 90.0) | {"n_train": 100})  # a cell nobody swept: left out
     tuned = {t["model"]: t for t in tuned_summary(rows)}
-    assert set(tuned) == {"scratch", "full"}
+    assert set(tuned) == {"scratch", "full", "forces_only"}
+    assert {t["n_train"] for t in tuned.values()} == {50}
+    assert tuned["forces_only"]["candidates"] == ["default"]
+    assert tuned["forces_only"]["ratio_scratch_over_model"] == pytest.approx(70.5 / 55.0)
     assert tuned["scratch"]["finetune"] == "lr1e-3" and tuned["scratch"]["candidates"] == ["default", "lr1e-3"]
     assert tuned["scratch"]["force_mae_mean"] == pytest.approx(70.5)
     assert tuned["full"]["finetune"] == "default" and tuned["full"]["force_mae_mean"] == pytest.approx(50.0)
