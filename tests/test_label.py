@@ -254,3 +254,26 @@ def test_bundled_pretrain_mixes_equilibrium_and_thermal(bundled):
     elements = set().union(*(r.get_chemical_symbols() for r in pretrain))
     assert {"H", "C", "N", "O"} <= elements
     assert len({r.info["mol_id"] for r in pretrain}) >= 15
+
+
+def test_relabel_xtb_replaces_labels_and_keeps_geometry_and_metadata(methanol):
+    """relabel_xtb: GFN2-xTB labels at unchanged positions. Records of another level of theory (here
+    methanol frames with made-up labels) get the labels a fresh GFN2-xTB call gives; the rest of each
+    record stays, and the old level of theory is kept in info."""
+    from forcecentric.data.conformation import Conformation
+
+    atoms = methanol[0][1:4]
+    other = [Conformation(z=a.numbers, pos=a.positions, energy=-1.0, forces=np.ones((len(a), 3)),
+                          level_of_theory="PBE/def2-SVP", mol_id="methanol", source="made-up",
+                          info={"frame": i}) for i, a in enumerate(atoms)]
+    new = L.relabel_xtb(other, file="made-up frames")
+    assert len(new) == len(other)
+    for a, old, rec in zip(atoms, other, new):
+        np.testing.assert_array_equal(rec.pos, old.pos)
+        np.testing.assert_array_equal(rec.z, old.z)
+        e_ref, f_ref = _fresh(a)
+        assert rec.energy == pytest.approx(e_ref, abs=1e-6)
+        np.testing.assert_allclose(rec.forces, f_ref, atol=1e-6)
+        assert rec.level_of_theory == "GFN2-xTB" and rec.info["relabelled_from"] == "PBE/def2-SVP"
+        assert (rec.mol_id, rec.source, rec.info["frame"]) == ("methanol", "made-up", old.info["frame"])
+        assert old.energy == -1.0 and np.all(old.forces == 1.0)  # the input records are not changed

@@ -211,6 +211,37 @@ def test_prepare_splits_disjoint_val_test_and_keeps_the_labels(tmp_path):
     assert prepare(cfg, progress=False)["aspirin"] == report["aspirin"]
 
 
+def test_a_relabelled_target_has_the_same_frames_with_xtb_labels(tmp_path):
+    """relabel: xtb gives the control target: the frames the plain target's split picks, in the same
+    order, with fresh GFN2-xTB labels in place of their own."""
+    pytest.importorskip("tblite")
+    from forcecentric.data.label import write_extxyz
+    from forcecentric.train.datamodule import resolve_path
+
+    # 12 GFN2-xTB aspirin frames with their forces doubled and energies shifted: "another level of theory"
+    frames = read_all(resolve_path("bundled:demo_target"))[:12]
+    other = tmp_path / "other_level.extxyz"
+    atoms = [f.to_atoms() for f in frames]
+    for a, f in zip(atoms, frames):
+        a.calc.results.update(forces=2.0 * f.forces, energy=f.energy + 5.0)
+    write_extxyz(other, atoms)
+    target = {"pool": [str(other)], "n_val": 3, "n_test": 4, "kind": "other"}
+    cfg = _config(tmp_path, targets={"plain": target, "control": dict(target, relabel="xtb", kind="xTB")})
+    prepare(load_study_config(_write(tmp_path, cfg)), progress=False)
+    root = tmp_path / "study" / "targets"
+    for part in ("pool", "val", "test"):
+        plain, control = read_all(root / "plain" / f"{part}.extxyz"), read_all(root / "control" / f"{part}.extxyz")
+        assert len(plain) == len(control) > 0
+        for p, c in zip(plain, control):
+            np.testing.assert_array_equal(p.pos, c.pos)
+            original = next(f for f in frames if np.array_equal(f.pos, c.pos))
+            np.testing.assert_allclose(p.forces, 2.0 * original.forces, atol=1e-9)
+            np.testing.assert_allclose(c.forces, original.forces, atol=1e-5)  # xTB again, not the doubled ones
+            assert c.energy == pytest.approx(original.energy, abs=1e-5)
+            assert c.level_of_theory == "GFN2-xTB"
+    assert json.loads((root / "control" / "split.json").read_text())["relabel"] == "xtb"
+
+
 def test_finetune_before_prepare_is_refused(tmp_path):
     cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
     with pytest.raises(ConfigError, match="prepare"):

@@ -61,6 +61,11 @@ class TargetConfig(_Strict):
     n_val: int = Field(100, gt=0)
     n_test: int = Field(400, gt=0)
     kind: str = Field("DFT", description="level of theory, for the report")
+    relabel: Literal["xtb"] | None = Field(
+        None,
+        description="label the split's frames anew with GFN2-xTB: the same geometries at the pre-training "
+        "corpus's level of theory (a control for the level-of-theory gap)",
+    )
     settings: list[Literal["unseen", "target_in_pretraining"]] = Field(
         default_factory=lambda: list(SETTINGS),
         description="pre-training settings fine-tuned on this target (target_in_pretraining needs smiles)",
@@ -307,12 +312,21 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
         perm = np.random.default_rng(12345).permutation(len(held))
         val = [held[i] for i in perm[: tc.n_val]]
         test = [held[i] for i in perm[tc.n_val : tc.n_val + tc.n_test]]
+        if tc.relabel == "xtb":
+            # after the split, which depends on frame counts only: the same frames as the unrelabelled
+            # target's, and no labels computed for held-out frames that are never used
+            from .data.label import relabel_xtb
+
+            pool = relabel_xtb(pool, file=f"{target} pool from {tc.pool}")
+            val, test = (relabel_xtb(part, file=f"{target} {name} frames from {tc.heldout or tc.pool}")
+                         for name, part in (("validation", val), ("test", test)))
         tdir.mkdir(parents=True, exist_ok=True)
         _write_frames(files["val"], val)
         _write_frames(files["test"], test)
         _write_frames(files["pool"], pool)
         info = {"pool": len(pool), "val": len(val), "test": len(test),
-                "pool_files": tc.pool, "heldout_files": tc.heldout or tc.pool, "kind": tc.kind}
+                "pool_files": tc.pool, "heldout_files": tc.heldout or tc.pool, "kind": tc.kind,
+                "relabel": tc.relabel}
         (tdir / "split.json").write_text(json.dumps(info, indent=2))
         report[target] = info
     molecules = _xtb_targets(cfg)

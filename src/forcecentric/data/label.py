@@ -81,6 +81,7 @@ __all__ = [
     "filter_frames",
     "label_molecule",
     "label_molecules",
+    "relabel_xtb",
     "write_extxyz",
 ]
 
@@ -210,6 +211,34 @@ def _fresh_labels(atoms: Atoms, accuracy: float = 1.0) -> tuple[float, np.ndarra
     work = Atoms(numbers=atoms.get_atomic_numbers(), positions=atoms.get_positions())
     work.calc = xtb_calculator(int(atoms.info.get("charge", 0)), accuracy)
     return float(work.get_potential_energy()), work.get_forces(apply_constraint=False)
+
+
+@_one_openmp_thread
+def relabel_xtb(records: Sequence, accuracy: float = 1.0, *, file: str | None = None) -> list:
+    """The same geometries with GFN2-xTB energies and forces in place of their own labels.
+
+    Each :class:`~forcecentric.data.conformation.Conformation` is copied with fresh GFN2-xTB
+    labels (:func:`_fresh_labels`: a new calculator per frame, so each label depends on its
+    geometry alone); ``level_of_theory`` becomes GFN2-xTB and the old one is kept in
+    ``info["relabelled_from"]``. Used by the study's control target: a DFT target's frames at
+    the pre-training corpus's level of theory. A non-finite label raises a
+    :class:`~forcecentric.errors.DataError` naming ``file`` (where the frames came from) and the
+    frame's position in ``records``.
+    """
+    import dataclasses
+
+    out = []
+    for i, rec in enumerate(records):
+        atoms = Atoms(numbers=rec.z, positions=rec.pos)
+        atoms.info["charge"] = int(rec.charge)
+        energy, forces = _fresh_labels(atoms, accuracy)
+        if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+            raise DataError(f"frame {i} of the {len(records)} given: GFN2-xTB returned a non-finite energy "
+                            "or force", file=file)
+        info = dict(rec.info, relabelled_from=rec.level_of_theory or "unknown")
+        out.append(dataclasses.replace(rec, energy=energy, forces=np.array(forces, dtype=np.float64),
+                                       level_of_theory=LEVEL_OF_THEORY, info=info))
+    return out
 
 
 def _seed_int(seed: int | np.random.SeedSequence) -> int:
