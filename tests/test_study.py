@@ -343,6 +343,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
             assert key in r
         assert r["molecule"] == "aspirin" and r["n_train"] == 10 and np.isfinite(r["force_mae"])
         assert r["force_mae"] > 1.0  # meV/A, not eV/A
+        assert r["accelerator"] == "cpu"  # where the run ran (a study may be split across machines)
     assert (tmp_path / "figures" / "aspirin_unseen.png").stat().st_size > 0
     # the pre-trained weights are what the fine-tuning started from
     ft = yaml.safe_load((tmp_path / "study/finetune/aspirin/unseen/full/n10_seed0/config.yaml").read_text())

@@ -462,6 +462,9 @@ def collect(cfg: StudyConfig) -> list[dict[str, Any]]:
             epochs=m["epochs"], steps=m["global_steps"], wall_s=m["wall_time_s"],
             n_test=test["n_conformations"],
         )
+        # the hardware of the run's last start (a study may be split across machines)
+        run_cfg = job.run_dir / "config.yaml"
+        row["accelerator"] = (load_yaml(run_cfg).get("trainer") or {}).get("accelerator") if run_cfg.is_file() else None
         rows.append(row)
     return rows
 
