@@ -184,7 +184,7 @@ class ForceField(nn.Module):
         import warnings
 
         compiled = self.__dict__.pop("_atom_energy")
-        try:  # called with grad enabled (_checked_energy_and_forces)
+        try:  # called with grad enabled (_energy_and_forces_eager)
             ref = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, False, False)
         finally:
             self.__dict__["_atom_energy"] = compiled
@@ -260,7 +260,7 @@ class ForceField(nn.Module):
             # inference tensors cannot enter an autograd graph: leave inference mode locally
             # and work on ordinary copies (the results are plain tensors without graph)
             with torch.inference_mode(False):
-                return self._checked_energy_and_forces(
+                return self._energy_and_forces_eager(
                     z.clone(), pos.clone(), batch.clone(), n_graphs, edge_index.clone(), False, False
                 )
         if make_graph and self.representation.fused:
@@ -273,21 +273,8 @@ class ForceField(nn.Module):
                 "this model is compiled for inference (compile_inference); forces with create_graph "
                 "(training) need the eager model: call model.disable_compile() first"
             )
-        return self._checked_energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
-
-    @torch.jit.unused
-    def _checked_energy_and_forces(
-        self,
-        z: Tensor,
-        pos: Tensor,
-        batch: Tensor,
-        n_graphs: int,
-        edge_index: Tensor,
-        make_graph: bool,
-        keep_graph: bool,
-    ) -> Dict[str, Tensor]:
-        """:meth:`_energy_and_forces` with grad enabled; a compiled model's first call is checked
-        against the eager model and, if it fails, computed again on the eager path."""
+        # grad enabled; a compiled model's first call is checked against the eager model and, if
+        # it fails, computed again on the eager path
         with torch.enable_grad():
             out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
             if self.is_compiled and self.compile_check is None \
