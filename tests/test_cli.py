@@ -8,8 +8,9 @@ import sys
 
 import pytest
 import torch
+import yaml
 
-from forcecentric.checkpoint import save_model
+from forcecentric.checkpoint import load, save_model
 from forcecentric.cli import main
 from forcecentric.nn.model import ForceField
 
@@ -88,3 +89,23 @@ def test_label_then_build_data_then_evaluate(tmp_path, tiny_config, capsys):
     ckpt = save_model(model, tmp_path / "m.ckpt")
     assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "store")]) == 0
     assert json.loads(capsys.readouterr().out)["n_conformations"] == st["n_conformations"]
+
+
+def test_finetune_config_keeps_its_init_from_unless_from_is_given(tmp_path, tiny_config, morse_file):
+    """A config that names init_from (a run's own config.yaml, say) fine-tunes from it; --from
+    overrides it. Before the fix the CLI's --from default (None) silently made it a scratch run."""
+    ckpt = tmp_path / "pre.ckpt"
+    save_model(ForceField(tiny_config), ckpt)
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": "finetune", "init_from": str(ckpt), "model": tiny_config.model_dump(),
+        "data": {"train": [str(morse_file)], "n_val": 8, "n_test": 8, "batch_size": 8},
+        "trainer": {"max_epochs": 1, "progress_bar": False}, "optim": {"warmup_steps": 1}}))
+    assert main(["finetune", "-c", str(cfg), "--run-dir", str(tmp_path / "a")]) == 0
+    done = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert done["init_from"] == str(ckpt)
+    assert load(tmp_path / "a" / "model.ckpt").metadata["pretrained_from"] == str(ckpt)
+    other = tmp_path / "other.ckpt"
+    save_model(ForceField(tiny_config), other)
+    assert main(["finetune", "-c", str(cfg), "--run-dir", str(tmp_path / "b"), "--from", str(other)]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["init_from"] == str(other)

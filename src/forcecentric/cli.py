@@ -51,7 +51,8 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from .train.run import run
 
-    extra: dict[str, Any] = {"init_from": args.init_from}
+    # --from overrides the config's init_from; without it a config's own init_from stands
+    extra: dict[str, Any] = {} if args.init_from is None else {"init_from": args.init_from}
     if args.data:
         extra["data.train"] = list(args.data)
     if args.task == "property":  # targets are checked by run(), before it writes anything
