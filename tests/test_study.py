@@ -191,6 +191,28 @@ def test_finetune_variants_run_at_the_ablation_size_for_the_named_models(tmp_pat
             load_study_config(_write(tmp_path, cfg_dict))
 
 
+def test_a_variant_with_its_own_models_runs_for_those_only(tmp_path):
+    """finetune.variants.NAME.models replaces variant_models for that variant (a pre-trained-only
+    setting such as optim.representation_lr_factor), and is not passed on as a config key."""
+    cfg_dict = _config(tmp_path)
+    cfg_dict["finetune"].update(variants={"lr1e-3": {"optim.lr": 1.0e-3},
+                                          "gentle": {"optim.representation_lr_factor": 0.1, "models": ["full"]}},
+                                variant_models=["scratch", "forces_only"])
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    jobs = finetune_jobs(cfg)
+    models = lambda v: sorted({j.key["model"] for j in jobs if j.key["finetune"] == v})  # noqa: E731
+    assert models("lr1e-3") == ["forces_only", "scratch"]
+    assert models("gentle") == ["full"]
+    gentle = [j for j in jobs if j.key["finetune"] == "gentle"]
+    assert len(gentle) == 2 and all(j.config["optim"]["representation_lr_factor"] == 0.1 for j in gentle)
+    assert all("models" not in j.config for j in gentle)
+    for bad in (["forces_typo"], "full"):
+        cfg_dict["finetune"]["variants"]["gentle"]["models"] = bad
+        with pytest.raises(ConfigError, match="variants.gentle.models"):
+            load_study_config(_write(tmp_path, cfg_dict))
+
+
 def test_prepare_splits_disjoint_val_test_and_keeps_the_labels(tmp_path):
     cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
     report = prepare(cfg, progress=False)

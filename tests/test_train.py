@@ -151,6 +151,34 @@ def test_finetune_starts_from_pretrained_weights_and_fits_references(tmp_path, m
     assert ft.metadata["pretrained_from"].endswith("model.ckpt")
 
 
+def test_representation_lr_factor_slows_the_representation_only(tmp_path, morse_file):
+    """optim.representation_lr_factor: the ET representation trains at that fraction of optim.lr
+    (through warm-up and schedule), the heads at optim.lr; a factor near 0 keeps the pre-trained
+    representation while the heads move."""
+    run(_cfg(tmp_path, morse_file, run_dir=str(tmp_path / "pre")))
+    pre = load(tmp_path / "pre" / "model.ckpt")
+    cfg = _cfg(tmp_path, morse_file, run_dir=str(tmp_path / "ft"), task="finetune",
+               init_from=str(tmp_path / "pre" / "model.ckpt"),
+               **{"optim.lr": 1e-2, "optim.ema_decay": None, "optim.warmup_steps": 3,
+                  "optim.representation_lr_factor": 1e-9})
+    run(cfg)
+    ft = load(tmp_path / "ft" / "model.ckpt")
+    for k, a in pre.representation.state_dict().items():
+        assert torch.allclose(a, ft.representation.state_dict()[k], atol=1e-7), k
+    moved = [k for k, a in pre.state_dict().items()
+             if not k.startswith("representation.") and a.is_floating_point() and a.numel() > 1
+             and not torch.allclose(a, ft.state_dict()[k])]
+    assert moved, "the heads did not train"
+    import csv
+
+    rows = [r for r in csv.DictReader((tmp_path / "ft" / "metrics.csv").open()) if r.get("lr-AdamW/heads")]
+    assert rows
+    for r in rows:
+        assert float(r["lr-AdamW/representation"]) == pytest.approx(1e-9 * float(r["lr-AdamW/heads"]))
+    with pytest.raises(ConfigError, match="representation_lr_factor"):
+        _cfg(tmp_path, morse_file, **{"optim.representation_lr_factor": 2.0})
+
+
 def test_nan_loss_stops_training_without_writing_a_checkpoint(tmp_path, morse_file):
     cfg = _cfg(tmp_path, morse_file, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
                                         "optim.gradient_clip": None, "optim.schedule": "constant"})

@@ -182,6 +182,13 @@ class OptimConfig(_Strict):
     min_lr: float = Field(1e-6, ge=0)
     gradient_clip: float | None = Field(10.0, description="max gradient norm (None: off)")
     ema_decay: float | None = Field(0.99, description="EMA of weights (None: off)")
+    representation_lr_factor: float = Field(
+        1.0, gt=0, le=1, description="learning rate of the ET representation relative to optim.lr (the "
+        "heads train at optim.lr): below 1 when fine-tuning a pre-trained model, so that the first "
+        "steps at a rate suited to the new heads do not wash out the pre-trained representation. "
+        "Warm-up and schedules scale both rates alike; min_lr is the heads' floor and the "
+        "representation's floor is min_lr times this factor"
+    )
 
 
 #: ``trainer.precision`` -> Lightning's precision setting.

@@ -47,6 +47,7 @@ SCRATCH = "scratch"
 # SCRATCH_TWIN + ablation: its ratios compare like with like
 SCRATCH_TWIN = "scratch_as_"
 DEFAULT_FT = "default"  # the fine-tuning settings of ``finetune.set``, without a variant
+VARIANT_MODELS = "models"  # a variant's own list of models, in place of finetune.variant_models
 
 
 class TargetConfig(_Strict):
@@ -95,7 +96,9 @@ class FinetuneConfig(_Strict):
     variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fine-tuning hyper-parameter variants: name -> dotted overrides (e.g. optim.lr), run "
-                    "at ablation_n_train on ablation_targets for variant_models",
+                    "at ablation_n_train on ablation_targets for variant_models; a variant's own 'models' "
+                    "list (not a config key) replaces variant_models for it, e.g. a setting that only "
+                    "means something for a pre-trained model (optim.representation_lr_factor)",
     )
     variant_models: list[str] = Field(
         default_factory=lambda: [SCRATCH],
@@ -132,10 +135,13 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
         raise ConfigError(f"pre-training names {taken} start with {SCRATCH!r}, which names the from-scratch "
                           "baselines; rename them")
     unseen = set(cfg.pretrain.settings.get("unseen", []))
-    bad = [m for m in cfg.finetune.variant_models if m != SCRATCH and m not in unseen]
-    if bad:
-        raise ConfigError(f"finetune.variant_models names {bad}: each must be {SCRATCH!r} or a pre-training "
-                          f"of the unseen setting {sorted(unseen)}")
+    for where, names in [("finetune.variant_models", cfg.finetune.variant_models)] + [
+            (f"finetune.variants.{v}.{VARIANT_MODELS}", spec[VARIANT_MODELS]) for v, spec in cfg.finetune.variants.items()
+            if VARIANT_MODELS in spec]:
+        bad = [m for m in names if m != SCRATCH and m not in unseen] if isinstance(names, list) else names
+        if bad:
+            raise ConfigError(f"{where} names {bad}: it must be a list of {SCRATCH!r} or pre-trainings of the "
+                              f"unseen setting {sorted(unseen)}")
     if DEFAULT_FT in cfg.finetune.variants:
         raise ConfigError(f"finetune.variants: {DEFAULT_FT!r} is the name of the plain fine-tuning settings; "
                           "give the variant another name")
@@ -241,7 +247,8 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                     ft.ablation_targets is None or target in ft.ablation_targets)
                 for (name, setting), variant in [(m, DEFAULT_FT) for m in models] + [
                         (m, v) for v in ft.variants for m in models
-                        if twins.get(m[0], m[0]) in ft.variant_models and m[1] in (None, "unseen")]:
+                        if twins.get(m[0], m[0]) in ft.variants[v].get(VARIANT_MODELS, ft.variant_models)
+                        and m[1] in (None, "unseen")]:
                     if setting is not None and setting not in tc.settings:
                         continue
                     if name in ablations or name in twins or variant != DEFAULT_FT:
@@ -263,7 +270,8 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                     )
                     apply_overrides(data, dict(ft.set))
                     apply_overrides(data, dict(model_over.get(twins.get(name, name), {})))  # e.g. a larger ET
-                    apply_overrides(data, dict(ft.variants.get(variant, {})))
+                    apply_overrides(data, {k: v for k, v in ft.variants.get(variant, {}).items()
+                                           if k != VARIANT_MODELS})
                     needs = None
                     if setting is not None:
                         needs = Path(cfg.out) / "pretrain" / setting / name / "model.ckpt"

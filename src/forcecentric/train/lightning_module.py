@@ -102,10 +102,12 @@ class _TrainingModule(pl.LightningModule):
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
         o = self.config.optim
-        opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        groups = self.param_groups()
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
         if o.schedule == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="min", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr
+                opt, mode="min", factor=o.plateau_factor, patience=o.plateau_patience,
+                min_lr=[o.min_lr * g["lr_factor"] for g in groups],
             )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss",
                                                        "interval": "epoch", "strict": False}}
@@ -130,6 +132,20 @@ class _TrainingModule(pl.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, each with its ``lr_factor`` (its rate relative to
+        ``optim.lr``): one group, or with ``optim.representation_lr_factor`` below 1 two, the ET
+        representation's parameters at that factor and every other parameter (the heads) at 1."""
+        o = self.config.optim
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if o.representation_lr_factor == 1.0:
+            return [{"params": [p for _, p in params], "lr": o.lr, "lr_factor": 1.0}]
+        rep = [p for n, p in params if n.startswith("representation.")]
+        heads = [p for n, p in params if not n.startswith("representation.")]
+        f = o.representation_lr_factor
+        return [{"params": heads, "lr": o.lr, "lr_factor": 1.0, "name": "heads"},
+                {"params": rep, "lr": o.lr * f, "lr_factor": f, "name": "representation"}]
+
     def _train_seconds(self) -> float:
         """Training time so far, earlier runs of a resumed run included (Lightning's Timer)."""
         from lightning.pytorch.callbacks import Timer
@@ -144,10 +160,10 @@ class _TrainingModule(pl.LightningModule):
         if o.warmup_steps > 0 and step < o.warmup_steps:
             scale = (step + 1) / o.warmup_steps
             for group in optimizer.param_groups:
-                group["lr"] = scale * o.lr
+                group["lr"] = scale * o.lr * group.get("lr_factor", 1.0)
         elif o.warmup_steps > 0 and step == o.warmup_steps and o.schedule != "cosine":
             for group in optimizer.param_groups:
-                group["lr"] = o.lr
+                group["lr"] = o.lr * group.get("lr_factor", 1.0)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     # ------------------------------------------------------------ checkpoints
