@@ -11,6 +11,8 @@
 #     side by side with
 #   * the four pre-trainings (one process each, time-bound by the config);
 #   * then the pre-trained models' fine-tunings at the preset rate, then at the other rates.
+# PRETRAIN_ONLY=a,b runs only those pre-trainings; FINETUNE=0 runs no fine-tuning at all (e.g. a
+# longer pre-training on a GPU, its fine-tunings later on a CPU from the collected .ckpt files).
 # The study folder WORK defaults to /dev/shm (every fine-tuning writes its best and last checkpoint
 # at each epoch: 43 MB at the paper size, too much for 20 runs at once on a disk). It needs the
 # target splits of `--phase prepare` (copied from runs/study_paper/targets when it has none).
@@ -27,6 +29,8 @@ SCRATCH_WORKERS=${SCRATCH_WORKERS:-9}
 PRETRAIN_WORKERS=${PRETRAIN_WORKERS:-4}
 FINETUNE_WORKERS=${FINETUNE_WORKERS:-12}
 PRETRAINED=${PRETRAINED:-forces_only,forces_zero,forces_denoise,full}
+PRETRAIN_ONLY=${PRETRAIN_ONLY:-}
+FINETUNE=${FINETUNE:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,8 +39,12 @@ SEL="--only molecule=$MOLECULES --only n_train=$N_TRAIN"
 
 run_round() {
   cd "$ROOT" || exit 1
-  $FC --phase finetune --workers "$SCRATCH_WORKERS" $SEL --only model=scratch > "$WORK/logs/scratch.log" 2>&1 &
-  $FC --phase pretrain --workers "$PRETRAIN_WORKERS" > "$WORK/logs/pretrain.log" 2>&1
+  if [ "$FINETUNE" = 1 ]; then
+    $FC --phase finetune --workers "$SCRATCH_WORKERS" $SEL --only model=scratch > "$WORK/logs/scratch.log" 2>&1 &
+  fi
+  $FC --phase pretrain --workers "$PRETRAIN_WORKERS" ${PRETRAIN_ONLY:+--only model=$PRETRAIN_ONLY} \
+    > "$WORK/logs/pretrain.log" 2>&1
+  [ "$FINETUNE" = 1 ] || { date +%s > "$WORK/logs/done"; return; }
   $FC --phase finetune --workers "$FINETUNE_WORKERS" $SEL --only model="$PRETRAINED" --only finetune=default \
     > "$WORK/logs/finetune_default.log" 2>&1
   $FC --phase finetune --workers "$FINETUNE_WORKERS" $SEL --only model="$PRETRAINED" > "$WORK/logs/finetune_rest.log" 2>&1

@@ -99,7 +99,9 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     target splits (same files, same validation and test sizes), so the two rounds compare."""
     cfg, first = load_study_config("study_paper"), load_study_config("study")
     pre, jobs = pretrain_jobs(cfg), finetune_jobs(cfg)
-    assert {j.key["model"] for j in pre} == set(OBJECTIVES)
+    assert {j.key["model"] for j in pre} == set(OBJECTIVES) | {"forces_only_8min", "forces_zero_8min"}
+    longer = [j for j in pre if j.key["model"].endswith("_8min")]
+    assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     for j in pre + jobs:
         m = j.config["model"]
         assert (m["hidden_channels"], m["num_layers"], m["num_heads"]) == (128, 6, 8)
@@ -109,7 +111,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     for j in jobs:
         if j.key["n_train"] == 50 and j.key["seed"] == 0 and j.key["molecule"] == "ethanol":
             rates.setdefault(j.key["model"], set()).add(j.config["optim"]["lr"])
-    assert rates == {m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch",) + tuple(OBJECTIVES)}
+    assert rates == {m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch", *OBJECTIVES, "forces_only_8min",
+                                                           "forces_zero_8min")}
     for name in ("ethanol", "3BPA"):
         a, b = cfg.targets[name], first.targets[name]
         assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
@@ -152,6 +155,30 @@ def test_the_gpu_round_script_collects_finished_runs_without_checkpoints(tmp_pat
     assert (dest / "forces_only.ckpt").read_text() == "pre-trained"
     log = (dest / "logs.txt").read_text()
     assert "finished fine-tunings: 1" in log and "the pre-training log" in log and "INFO noise" not in log
+
+
+def test_the_gpu_round_script_can_run_chosen_pretrainings_only(tmp_path):
+    """PRETRAIN_ONLY=NAMES FINETUNE=0 bash benchmarks/study_paper_gpu.sh start: those pre-trainings,
+    detached, and nothing else (here a tiny study on the CPU)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "study_paper_gpu.sh"
+    cfg_path = _write(tmp_path, _config(tmp_path))
+    work = tmp_path / "work"
+    (work / "targets").mkdir(parents=True)
+    env = {**os.environ, "CONFIG": str(cfg_path), "WORK": str(work), "ACCEL": "cpu",
+           "PRETRAIN_ONLY": "forces_only", "FINETUNE": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for args in (["start"], ["wait", "300"]):
+        proc = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=320)
+        assert proc.returncode == 0, proc.stderr
+    assert (work / "logs" / "done").is_file(), (work / "logs" / "round.log").read_text()
+    assert (work / "pretrain" / "unseen" / "forces_only" / "model.ckpt").is_file()
+    assert not (work / "pretrain" / "unseen" / "full").exists()
+    assert not (work / "finetune").exists()
 
 
 def test_planning_skips_sizes_the_pool_cannot_give_and_limits_ablations(tmp_path):
