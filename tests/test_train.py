@@ -179,6 +179,29 @@ def test_representation_lr_factor_slows_the_representation_only(tmp_path, morse_
         _cfg(tmp_path, morse_file, **{"optim.representation_lr_factor": 2.0})
 
 
+def test_l2sp_keeps_the_representation_near_its_pretrained_weights(tmp_path, morse_file):
+    """optim.l2sp pulls the representation toward the init_from weights: the fine-tuned
+    representation ends closer to them than without it; the anchors travel in the training
+    checkpoint (for --resume) but not in the exported model; without init_from it is an error."""
+    run(_cfg(tmp_path, morse_file, run_dir=str(tmp_path / "pre")))
+    pre = load(tmp_path / "pre" / "model.ckpt")
+    distance = {}
+    for l2sp in (0.0, 30.0):
+        d = tmp_path / f"ft{l2sp}"
+        run(_cfg(tmp_path, morse_file, run_dir=str(d), task="finetune", init_from=str(tmp_path / "pre" / "model.ckpt"),
+                 **{"optim.lr": 1e-2, "optim.ema_decay": None, "optim.l2sp": l2sp, "trainer.max_epochs": 3}))
+        ft = load(d / "model.ckpt")
+        distance[l2sp] = sum(float((a - ft.representation.state_dict()[k]).pow(2).sum())
+                             for k, a in pre.representation.state_dict().items() if a.is_floating_point())
+        assert not any(k.startswith("l2sp_anchor") for k in ft.state_dict())
+    assert 0 < distance[30.0] < 0.2 * distance[0.0]
+    raw = torch.load(tmp_path / "ft30.0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    anchor = raw["state_dict"]["l2sp_anchor__representation__embedding__weight"]
+    assert torch.equal(anchor, pre.representation.embedding.weight.detach())
+    with pytest.raises(ConfigError, match="l2sp"):
+        _cfg(tmp_path, morse_file, **{"optim.l2sp": 1.0})
+
+
 def test_nan_loss_stops_training_without_writing_a_checkpoint(tmp_path, morse_file):
     cfg = _cfg(tmp_path, morse_file, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
                                         "optim.gradient_clip": None, "optim.schedule": "constant"})

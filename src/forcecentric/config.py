@@ -189,6 +189,11 @@ class OptimConfig(_Strict):
         "Warm-up and schedules scale both rates alike; min_lr is the heads' floor and the "
         "representation's floor is min_lr times this factor"
     )
+    l2sp: float = Field(
+        0.0, ge=0, description="L2-SP: a decoupled weight decay that pulls the ET representation toward its "
+        "pre-trained weights (init_from) instead of toward zero: after each step "
+        "theta -= lr * l2sp * (theta - theta_pretrained). Needs init_from"
+    )
 
 
 #: ``trainer.precision`` -> Lightning's precision setting.
@@ -297,6 +302,8 @@ class RunConfig(_Strict):
             raise ValueError("trainer.early_stopping_at_min_lr needs optim.schedule: plateau and an "
                              f"early_stopping_patience (got schedule {self.optim.schedule!r}, patience "
                              f"{self.trainer.early_stopping_patience})")
+        if self.optim.l2sp > 0 and not self.init_from:
+            raise ValueError("optim.l2sp pulls the representation toward pre-trained weights: it needs init_from")
         return self
 
 

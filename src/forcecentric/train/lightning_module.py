@@ -37,6 +37,16 @@ class _TrainingModule(pl.LightningModule):
         self.config = config
         self.model = model
         self.save_hyperparameters({"config": config.model_dump(mode="json")})
+        # L2-SP anchors: the representation's weights as the run starts from init_from. Buffers of
+        # this module (not of the model, which is exported without them), saved in the training
+        # checkpoints, so a resumed run keeps pulling toward the pre-trained weights
+        self._anchored: list[tuple[str, str]] = []
+        if config.optim.l2sp > 0:
+            for name, p in self.model.named_parameters():
+                if name.startswith("representation.") and p.requires_grad:
+                    buf = "l2sp_anchor__" + name.replace(".", "__")
+                    self.register_buffer(buf, p.detach().clone())
+                    self._anchored.append((name, buf))
 
     # ------------------------------------------------------------ distribution
     @property
@@ -165,6 +175,18 @@ class _TrainingModule(pl.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] = o.lr * group.get("lr_factor", 1.0)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._anchored:
+            self._pull_toward_anchors(optimizer)
+
+    @torch.no_grad()
+    def _pull_toward_anchors(self, optimizer) -> None:
+        """L2-SP, decoupled as AdamW decouples its weight decay: theta -= lr * l2sp * (theta - theta_0),
+        with the learning rate of the parameter's own group."""
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        params = dict(self.model.named_parameters())
+        for name, buf in self._anchored:
+            p = params[name]
+            p.sub_((p - getattr(self, buf)) * (lr_of[id(p)] * self.config.optim.l2sp))
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
