@@ -40,13 +40,18 @@ class _TrainingModule(pl.LightningModule):
         # L2-SP anchors: the representation's weights as the run starts from init_from. Buffers of
         # this module (not of the model, which is exported without them), saved in the training
         # checkpoints, so a resumed run keeps pulling toward the pre-trained weights
-        self._anchored: list[tuple[str, str]] = []
+        self._anchored: list[tuple[torch.nn.Parameter, str]] = []
         if config.optim.l2sp > 0:
-            for name, p in self.model.named_parameters():
-                if name.startswith("representation.") and p.requires_grad:
-                    buf = "l2sp_anchor__" + name.replace(".", "__")
-                    self.register_buffer(buf, p.detach().clone())
-                    self._anchored.append((name, buf))
+            for name, p in self._trainable(representation=True):
+                buf = "l2sp_anchor__" + name.replace(".", "__")
+                self.register_buffer(buf, p.detach().clone())
+                self._anchored.append((p, buf))
+
+    def _trainable(self, representation: bool | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's trainable parameters by name: all of them, or (``representation`` True /
+        False) those of the ET representation / every other one (the heads)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad
+                and (representation is None or n.startswith("representation.") == representation)]
 
     # ------------------------------------------------------------ distribution
     @property
@@ -147,14 +152,12 @@ class _TrainingModule(pl.LightningModule):
         ``optim.lr``): one group, or with ``optim.representation_lr_factor`` below 1 two, the ET
         representation's parameters at that factor and every other parameter (the heads) at 1."""
         o = self.config.optim
-        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if o.representation_lr_factor == 1.0:
-            return [{"params": [p for _, p in params], "lr": o.lr, "lr_factor": 1.0}]
-        rep = [p for n, p in params if n.startswith("representation.")]
-        heads = [p for n, p in params if not n.startswith("representation.")]
+            return [{"params": [p for _, p in self._trainable()], "lr": o.lr, "lr_factor": 1.0}]
         f = o.representation_lr_factor
-        return [{"params": heads, "lr": o.lr, "lr_factor": 1.0, "name": "heads"},
-                {"params": rep, "lr": o.lr * f, "lr_factor": f, "name": "representation"}]
+        return [{"params": [p for _, p in self._trainable(False)], "lr": o.lr, "lr_factor": 1.0, "name": "heads"},
+                {"params": [p for _, p in self._trainable(True)], "lr": o.lr * f, "lr_factor": f,
+                 "name": "representation"}]
 
     def _train_seconds(self) -> float:
         """Training time so far, earlier runs of a resumed run included (Lightning's Timer)."""
@@ -183,9 +186,7 @@ class _TrainingModule(pl.LightningModule):
         """L2-SP, decoupled as AdamW decouples its weight decay: theta -= lr * l2sp * (theta - theta_0),
         with the learning rate of the parameter's own group."""
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        params = dict(self.model.named_parameters())
-        for name, buf in self._anchored:
-            p = params[name]
+        for p, buf in self._anchored:
             p.sub_((p - getattr(self, buf)) * (lr_of[id(p)] * self.config.optim.l2sp))
 
     # ------------------------------------------------------------ checkpoints
