@@ -11,7 +11,7 @@ import yaml
 from forcecentric.data import read_all
 from forcecentric.errors import ConfigError
 from forcecentric.study import (OBJECTIVES, finetune_jobs, load_study_config, markdown_tables, pretrain_jobs,
-                                tuned_summary, tuned_table,
+                                tuned_summary, tuned_table, xtb_dir,
                                 prepare, run_study, status, summarize)
 
 
@@ -99,9 +99,18 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     target splits (same files, same validation and test sizes), so the two rounds compare."""
     cfg, first = load_study_config("study_paper"), load_study_config("study")
     pre, jobs = pretrain_jobs(cfg), finetune_jobs(cfg)
-    assert {j.key["model"] for j in pre} == set(OBJECTIVES) | {"forces_only_8min", "forces_zero_8min"}
+    assert {(j.key["setting"], j.key["model"]) for j in pre} == {("unseen", m) for m in OBJECTIVES} | {
+        ("unseen", "forces_only_8min"), ("unseen", "forces_zero_8min"), ("unseen", "forces_only_cont"),
+        ("target_in_pretraining", "forces_only_cont")}
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
+    # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
+    cont = {j.key["setting"]: j for j in pre if j.key["model"] == "forces_only_cont"}
+    assert all(j.needs.parts[-3:] == ("unseen", "forces_only", "model.ckpt") for j in cont.values())
+    assert all(j.config["trainer"]["max_steps"] == 240 for j in cont.values())
+    assert cont["unseen"].config["data"]["train"] == ["bundled:corpus"]
+    assert len(cont["target_in_pretraining"].config["data"]["train"]) == 1 + len(
+        list(xtb_dir(cfg).glob("shard-*.extxyz")))
     for j in pre + jobs:
         m = j.config["model"]
         assert (m["hidden_channels"], m["num_layers"], m["num_heads"]) == (128, 6, 8)
@@ -111,8 +120,9 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     for j in jobs:
         if j.key["n_train"] == 50 and j.key["seed"] == 0 and j.key["molecule"] == "ethanol":
             rates.setdefault(j.key["model"], set()).add(j.config["optim"]["lr"])
-    assert rates == {m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch", *OBJECTIVES, "forces_only_8min",
-                                                           "forces_zero_8min")}
+    assert rates == {**{m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch", *OBJECTIVES, "forces_only_8min",
+                                                              "forces_zero_8min")},
+                     "forces_only_cont": {1.0e-3}}
     for name in ("ethanol", "3BPA"):
         a, b = cfg.targets[name], first.targets[name]
         assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
@@ -289,6 +299,38 @@ def test_a_relabelled_target_has_the_same_frames_with_xtb_labels(tmp_path):
             assert c.energy == pytest.approx(original.energy, abs=1e-5)
             assert c.level_of_theory == "GFN2-xTB"
     assert json.loads((root / "control" / "split.json").read_text())["relabel"] == "xtb"
+
+
+def test_a_continued_pretraining_waits_for_its_parent_and_starts_from_it(tmp_path):
+    """An ablation with 'from: NAME' trains on from NAME's pre-trained model: planned with that
+    model as its init_from, started only once it exists, even when listed (and run) together."""
+    from forcecentric.study import _xtb_targets
+
+    cfg_dict = _config(tmp_path)
+    cfg_dict["pretrain"]["ablations"]["cont"] = {"base": "forces_only", "from": "forces_only", "optim.lr": 1e-4}
+    cfg_dict["pretrain"]["settings"]["unseen"] = ["cont", "forces_only"]  # the child first
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    jobs = {j.key["model"]: j for j in pretrain_jobs(cfg)}
+    parent = tmp_path / "study" / "pretrain" / "unseen" / "forces_only" / "model.ckpt"
+    assert jobs["cont"].needs == parent and jobs["cont"].config["init_from"] == str(parent)
+    assert jobs["cont"].config["optim"]["lr"] == 1e-4 and "from" not in jobs["cont"].config
+    assert jobs["forces_only"].needs is None
+    out = run_study(cfg, phase="pretrain", workers=2, progress=False)
+    assert [r["ok"] for r in out["pretrain"]] == [True, True], out
+    child = tmp_path / "study" / "pretrain" / "unseen" / "cont"
+    assert json.loads((child / "metrics.json").read_text())["init_from"] == str(parent)
+    assert (child / "config.yaml").stat().st_mtime >= parent.stat().st_mtime
+    for bad in ("cont", "forces_typo"):
+        cfg_dict["pretrain"]["ablations"]["cont"]["from"] = bad
+        with pytest.raises(ConfigError, match="ablations.cont.from"):
+            load_study_config(_write(tmp_path, cfg_dict))
+    # a target and its relabelled control (same SMILES) share one set of xTB pre-training frames
+    target = {"pool": ["bundled:demo_target"], "smiles": "CC(=O)Oc1ccccc1C(=O)O"}
+    cfg_dict = _config(tmp_path, targets={"asp": target, "asp_xtb": dict(target, relabel="xtb"),
+                                          "eth": dict(target, smiles="CCO")})
+    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
+    assert _xtb_targets(load_study_config(_write(tmp_path, cfg_dict))) == [
+        ("asp", "CC(=O)Oc1ccccc1C(=O)O"), ("eth", "CCO")]
 
 
 def test_finetune_before_prepare_is_refused(tmp_path):

@@ -48,6 +48,7 @@ SCRATCH = "scratch"
 SCRATCH_TWIN = "scratch_as_"
 DEFAULT_FT = "default"  # the fine-tuning settings of ``finetune.set``, without a variant
 VARIANT_MODELS = "models"  # a variant's own list of models, in place of finetune.variant_models
+CONTINUES = "from"  # an ablation's key: the unseen pre-training whose model it continues to train
 
 
 class TargetConfig(_Strict):
@@ -79,7 +80,10 @@ class PretrainConfig(_Strict):
     corpus: list[str] = Field(default_factory=lambda: ["bundled:corpus"])
     objectives: dict[str, dict[str, Any]] = Field(description="objective name -> loss overrides")
     ablations: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="ablation name -> overrides (run in the unseen setting)"
+        default_factory=dict,
+        description="ablation name -> dotted overrides; 'base' names the objective whose loss weights it "
+                    "starts from (default: full) and 'from' an unseen pre-training whose model it continues "
+                    "to train (its init_from; it runs once that one has finished)",
     )
     settings: dict[Literal["unseen", "target_in_pretraining"], list[str]] = Field(
         description="which objectives (and ablations) each setting pre-trains"
@@ -130,11 +134,18 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
                     f"pretrain.settings.{setting} names {name!r}, which is neither an objective "
                     f"{sorted(cfg.pretrain.objectives)} nor an ablation {sorted(cfg.pretrain.ablations)}"
                 )
+    unseen = set(cfg.pretrain.settings.get("unseen", []))
+    for name, spec in cfg.pretrain.ablations.items():
+        parent = spec.get(CONTINUES)
+        if parent is not None and (parent == name or parent not in unseen or CONTINUES in
+                                   cfg.pretrain.ablations.get(parent, {})):
+            raise ConfigError(f"pretrain.ablations.{name}.{CONTINUES} is {parent!r}: it must name another "
+                              f"pre-training of the unseen setting {sorted(unseen)} that does not itself "
+                              f"continue one")
     taken = [n for n in [*cfg.pretrain.objectives, *cfg.pretrain.ablations] if n.startswith(SCRATCH)]
     if taken:
         raise ConfigError(f"pre-training names {taken} start with {SCRATCH!r}, which names the from-scratch "
                           "baselines; rename them")
-    unseen = set(cfg.pretrain.settings.get("unseen", []))
     for where, names in [("finetune.variant_models", cfg.finetune.variant_models)] + [
             (f"finetune.variants.{v}.{VARIANT_MODELS}", spec[VARIANT_MODELS]) for v, spec in cfg.finetune.variants.items()
             if VARIANT_MODELS in spec]:
@@ -154,10 +165,16 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 def _xtb_targets(cfg: StudyConfig) -> list[tuple[str, str]]:
-    """(name, SMILES) of the targets whose GFN2-xTB frames join the target_in_pretraining corpus."""
+    """(name, SMILES) of the targets whose GFN2-xTB frames join the target_in_pretraining corpus,
+    one per molecule: two targets of the same SMILES (a DFT target and its xTB-relabelled control)
+    share one set of frames, named after the first."""
     if "target_in_pretraining" not in cfg.pretrain.settings:
         return []
-    return [(t, tc.smiles) for t, tc in cfg.targets.items() if "target_in_pretraining" in tc.settings]
+    first: dict[str, str] = {}
+    for t, tc in cfg.targets.items():
+        if "target_in_pretraining" in tc.settings:
+            first.setdefault(tc.smiles, t)
+    return [(t, smiles) for smiles, t in first.items()]
 
 
 # ---------------------------------------------------------------------------------- jobs
@@ -202,12 +219,17 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
             corpus += [str(p) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz"))]
         for name in names:
             over = dict(cfg.pretrain.set)
+            needs = None
             if name in cfg.pretrain.objectives:
                 over.update(cfg.pretrain.objectives[name])
             else:
                 spec = dict(cfg.pretrain.ablations[name])
                 parent = spec.pop("base", "full")
                 over.update(cfg.pretrain.objectives[parent])
+                continues = spec.pop(CONTINUES, None)
+                if continues is not None:
+                    needs = Path(cfg.out) / "pretrain" / "unseen" / continues / "model.ckpt"
+                    over["init_from"] = str(needs)
                 over.update(spec)
             run_dir = Path(cfg.out) / "pretrain" / setting / name
             data = copy.deepcopy(base)
@@ -216,7 +238,7 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
             data["run_dir"] = str(run_dir)
             data.setdefault("data", {})["train"] = corpus
             apply_overrides(data, over)
-            jobs.append(Job("pretrain", run_dir, data, {"setting": setting, "model": name}))
+            jobs.append(Job("pretrain", run_dir, data, {"setting": setting, "model": name}, needs))
     return jobs
 
 
@@ -392,13 +414,15 @@ def _run_job(args: tuple[dict[str, Any], str, int, bool]) -> dict[str, Any]:
 def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", threads: int = 1,
              stop_after_minutes: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run the jobs that are not done (in order, ``workers`` at a time, one fresh process per
-    job). Fine-tuning jobs whose pre-trained model is missing are skipped with a message. After
-    ``stop_after_minutes`` no new job starts; running ones finish."""
+    job). A job whose starting model is missing is skipped with a message, unless another of
+    ``jobs`` makes it: then it waits for that one. After ``stop_after_minutes`` no new job
+    starts; running ones finish."""
+    made = {j.run_dir / "model.ckpt" for j in jobs if not j.done}
     ready = []
     for j in jobs:
         if j.done:
             continue
-        if j.needs is None or j.needs.is_file():
+        if j.needs is None or j.needs.is_file() or j.needs in made:
             ready.append(j)
         else:
             log.warning("skipping %s: pre-trained model %s does not exist yet", j.run_dir, j.needs)
@@ -432,8 +456,15 @@ def _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar) -
         while waiting or running:
             late = stop_after_minutes is not None and time.time() - t0 > 60 * stop_after_minutes
             while waiting and len(running) < workers and not late:
-                job = waiting.pop(0)
+                job = next((j for j in waiting if j.needs is None or j.needs.is_file()), None)
+                if job is None:  # the rest wait for a running job's model
+                    break
+                waiting.remove(job)
                 running.append(pool.apply_async(_run_job, ((job.config, accelerator, threads, False),)))
+            if waiting and not running and not late:
+                for j in waiting:
+                    log.warning("skipping %s: pre-trained model %s was not made", j.run_dir, j.needs)
+                waiting = []
             if late and waiting:
                 log.warning("time budget reached: %d jobs not started (run again to continue)", len(waiting))
                 waiting = []

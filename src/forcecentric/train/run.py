@@ -294,10 +294,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
         "global_batch_size": global_batch_size(cfg, world),
         "precision": cfg.trainer.precision,
+        "init_from": cfg.init_from,  # the weights the run started from (None: random)
     }
     if property_task:
         metrics["targets"] = list(cfg.property.targets)
-        metrics["init_from"] = cfg.init_from
     score = evaluate_properties if property_task else evaluate
     metrics["val"] = score(final, sample_records(dm.val_set, 20_000), run_dir, name="val")
     if len(dm.test_set):
