@@ -101,13 +101,14 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     pre, jobs = pretrain_jobs(cfg), finetune_jobs(cfg)
     assert {(j.key["setting"], j.key["model"]) for j in pre} == {("unseen", m) for m in OBJECTIVES} | {
         ("unseen", "forces_only_8min"), ("unseen", "forces_zero_8min"), ("unseen", "forces_only_cont"),
-        ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50")}
+        ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50"),
+        ("target_in_pretraining", "forces_only_cont_w50_800")}
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
     cont = {(j.key["setting"], j.key["model"]): j for j in pre if "_cont" in j.key["model"]}
     assert all(j.needs.parts[-3:] == ("unseen", "forces_only", "model.ckpt") for j in cont.values())
-    assert all(j.config["trainer"]["max_steps"] == 240 for j in cont.values())
+    assert {j.config["trainer"]["max_steps"] for j in cont.values()} == {240, 800}
     assert cont["unseen", "forces_only_cont"].config["data"]["train"] == ["bundled:corpus"]
     assert len(cont["target_in_pretraining", "forces_only_cont"].config["data"]["train"]) == 1 + len(
         list(xtb_dir(cfg).glob("shard-*.extxyz")))
@@ -125,7 +126,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
             rates.setdefault(j.key["model"], set()).add(j.config["optim"]["lr"])
     assert rates == {**{m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch", *OBJECTIVES, "forces_only_8min",
                                                               "forces_zero_8min")},
-                     "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3}}
+                     "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
+                     "forces_only_cont_w50_800": {1.0e-3}}
     for name in ("ethanol", "3BPA"):
         a, b = cfg.targets[name], first.targets[name]
         assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
