@@ -312,13 +312,14 @@ def test_a_continued_pretraining_waits_for_its_parent_and_starts_from_it(tmp_pat
     from forcecentric.study import _xtb_targets
 
     cfg_dict = _config(tmp_path)
-    cfg_dict["pretrain"]["ablations"]["cont"] = {"base": "forces_only", "from": "forces_only", "optim.lr": 1e-4}
+    cfg_dict["pretrain"]["ablations"]["cont"] = {"from": "forces_only", "optim.lr": 1e-4}  # forces_only's objective
     cfg_dict["pretrain"]["settings"]["unseen"] = ["cont", "forces_only"]  # the child first
     cfg = load_study_config(_write(tmp_path, cfg_dict))
     jobs = {j.key["model"]: j for j in pretrain_jobs(cfg)}
     parent = tmp_path / "study" / "pretrain" / "unseen" / "forces_only" / "model.ckpt"
     assert jobs["cont"].needs == parent and jobs["cont"].config["init_from"] == str(parent)
     assert jobs["cont"].config["optim"]["lr"] == 1e-4 and "from" not in jobs["cont"].config
+    assert jobs["cont"].config["loss"] == jobs["forces_only"].config["loss"]  # its parent's loss, not full's
     assert jobs["forces_only"].needs is None
     out = run_study(cfg, phase="pretrain", workers=2, progress=False)
     assert [r["ok"] for r in out["pretrain"]] == [True, True], out

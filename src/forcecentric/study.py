@@ -82,8 +82,9 @@ class PretrainConfig(_Strict):
     ablations: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="ablation name -> dotted overrides; 'base' names the objective whose loss weights it "
-                    "starts from (default: full) and 'from' an unseen pre-training whose model it continues "
-                    "to train (its init_from; it runs once that one has finished)",
+                    "starts from (default: full, or with 'from' that pre-training's) and 'from' an unseen "
+                    "pre-training whose model it continues to train (its init_from; it runs once that one "
+                    "has finished)",
     )
     settings: dict[Literal["unseen", "target_in_pretraining"], list[str]] = Field(
         description="which objectives (and ablations) each setting pre-trains"
@@ -209,6 +210,13 @@ def xtb_dir(cfg: StudyConfig) -> Path:
     return Path(cfg.out) / "targets" / "xtb"
 
 
+def _objective_of(cfg: StudyConfig, name: str) -> str:
+    """The objective a pre-training (an objective or an ablation of one) trains with."""
+    if name in cfg.pretrain.objectives:
+        return name
+    return cfg.pretrain.ablations[name].get("base", "full")
+
+
 def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
     base = _preset(cfg.pretrain.preset)
     jobs = []
@@ -224,9 +232,9 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
                 over.update(cfg.pretrain.objectives[name])
             else:
                 spec = dict(cfg.pretrain.ablations[name])
-                parent = spec.pop("base", "full")
-                over.update(cfg.pretrain.objectives[parent])
                 continues = spec.pop(CONTINUES, None)
+                parent = spec.pop("base", _objective_of(cfg, continues) if continues else "full")
+                over.update(cfg.pretrain.objectives[parent])
                 if continues is not None:
                     needs = Path(cfg.out) / "pretrain" / "unseen" / continues / "model.ckpt"
                     over["init_from"] = str(needs)
