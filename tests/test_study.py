@@ -249,10 +249,23 @@ def test_a_variant_with_its_own_models_runs_for_those_only(tmp_path):
     gentle = [j for j in jobs if j.key["finetune"] == "gentle"]
     assert len(gentle) == 2 and all(j.config["optim"]["representation_lr_factor"] == 0.1 for j in gentle)
     assert all("models" not in j.config for j in gentle)
-    for bad in (["forces_typo"], "full"):
+    for bad in (["forces_typo"], "full", ["target_in_pretraining/full"]):
         cfg_dict["finetune"]["variants"]["gentle"]["models"] = bad
         with pytest.raises(ConfigError, match="variants.gentle.models"):
             load_study_config(_write(tmp_path, cfg_dict))
+    # SETTING/NAME: a pre-training of the target_in_pretraining setting gets the variant too
+    cfg_dict["targets"]["aspirin"]["smiles"] = "CC(=O)Oc1ccccc1C(=O)O"
+    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
+    cfg_dict["finetune"]["variants"]["gentle"]["models"] = ["full", "target_in_pretraining/forces_only"]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    gentle = [j for j in finetune_jobs(cfg) if j.key["finetune"] == "gentle"]
+    assert sorted({(j.key["setting"], j.key["model"]) for j in gentle}) == [
+        ("target_in_pretraining", "forces_only"), ("unseen", "full")]
+    tip = next(j for j in gentle if j.key["setting"] == "target_in_pretraining")
+    assert str(tip.needs).endswith("pretrain/target_in_pretraining/forces_only/model.ckpt")
+    assert tip.config["optim"]["representation_lr_factor"] == 0.1
+    # variant_models stays with the unseen setting: lr1e-3 is not run for the other setting's forces_only
+    assert {j.key["setting"] for j in finetune_jobs(cfg) if j.key["finetune"] == "lr1e-3"} == {"none", "unseen"}
 
 
 def test_prepare_splits_disjoint_val_test_and_keeps_the_labels(tmp_path):

@@ -103,7 +103,8 @@ class FinetuneConfig(_Strict):
         description="fine-tuning hyper-parameter variants: name -> dotted overrides (e.g. optim.lr), run "
                     "at ablation_n_train on ablation_targets for variant_models; a variant's own 'models' "
                     "list (not a config key) replaces variant_models for it, e.g. a setting that only "
-                    "means something for a pre-trained model (optim.representation_lr_factor)",
+                    "means something for a pre-trained model (optim.representation_lr_factor); it may "
+                    "also name SETTING/NAME, a pre-training of the target_in_pretraining setting",
     )
     variant_models: list[str] = Field(
         default_factory=lambda: [SCRATCH],
@@ -147,13 +148,20 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
     if taken:
         raise ConfigError(f"pre-training names {taken} start with {SCRATCH!r}, which names the from-scratch "
                           "baselines; rename them")
-    for where, names in [("finetune.variant_models", cfg.finetune.variant_models)] + [
-            (f"finetune.variants.{v}.{VARIANT_MODELS}", spec[VARIANT_MODELS]) for v, spec in cfg.finetune.variants.items()
-            if VARIANT_MODELS in spec]:
-        bad = [m for m in names if m != SCRATCH and m not in unseen] if isinstance(names, list) else names
+    names = cfg.finetune.variant_models
+    bad = [m for m in names if m != SCRATCH and m not in unseen] if isinstance(names, list) else names
+    if bad:
+        raise ConfigError(f"finetune.variant_models names {bad}: it must be a list of {SCRATCH!r} or "
+                          f"pre-trainings of the unseen setting {sorted(unseen)}")
+    pretrained = {f"{setting}/{n}" for setting, ns in cfg.pretrain.settings.items() for n in ns}
+    for v, spec in cfg.finetune.variants.items():
+        names = spec.get(VARIANT_MODELS, [])
+        bad = [m for m in names if m != SCRATCH and m not in unseen and m not in pretrained] \
+            if isinstance(names, list) else names
         if bad:
-            raise ConfigError(f"{where} names {bad}: it must be a list of {SCRATCH!r} or pre-trainings of the "
-                              f"unseen setting {sorted(unseen)}")
+            raise ConfigError(f"finetune.variants.{v}.{VARIANT_MODELS} names {bad}: it must be a list of "
+                              f"{SCRATCH!r}, pre-trainings of the unseen setting {sorted(unseen)} or "
+                              f"SETTING/NAME of another setting's {sorted(pretrained - {f'unseen/{n}' for n in unseen})}")
     if DEFAULT_FT in cfg.finetune.variants:
         raise ConfigError(f"finetune.variants: {DEFAULT_FT!r} is the name of the plain fine-tuning settings; "
                           "give the variant another name")
@@ -276,9 +284,7 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                 in_ablation = n in ft.ablation_n_train and (
                     ft.ablation_targets is None or target in ft.ablation_targets)
                 for (name, setting), variant in [(m, DEFAULT_FT) for m in models] + [
-                        (m, v) for v in ft.variants for m in models
-                        if twins.get(m[0], m[0]) in ft.variants[v].get(VARIANT_MODELS, ft.variant_models)
-                        and m[1] in (None, "unseen")]:
+                        (m, v) for v in ft.variants for m in models if _gets_variant(m, twins, ft.variants[v], ft)]:
                     if setting is not None and setting not in tc.settings:
                         continue
                     if name in ablations or name in twins or variant != DEFAULT_FT:
@@ -310,6 +316,18 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                            "n_train": n, "seed": seed, "finetune": variant}
                     jobs.append(Job("finetune", run_dir, data, key, needs))
     return jobs
+
+
+def _gets_variant(model: tuple[str, str | None], twins: dict[str, str], variant: dict[str, Any],
+                  ft: FinetuneConfig) -> bool:
+    """Whether a fine-tuning variant runs for ``model`` (name, pre-training setting): its own
+    ``models`` list, or ``variant_models``, names it (plain names: scratch and the unseen setting;
+    SETTING/NAME: a pre-training of another setting; a scratch twin goes with its ablation)."""
+    name, setting = model
+    names = variant.get(VARIANT_MODELS, ft.variant_models)
+    if setting in (None, "unseen"):
+        return twins.get(name, name) in names
+    return f"{setting}/{name}" in names
 
 
 def pool_size(cfg: StudyConfig, target: str) -> float:
