@@ -339,6 +339,12 @@ def test_a_continued_pretraining_waits_for_its_parent_and_starts_from_it(tmp_pat
     child = tmp_path / "study" / "pretrain" / "unseen" / "cont"
     assert json.loads((child / "metrics.json").read_text())["init_from"] == str(parent)
     assert (child / "config.yaml").stat().st_mtime >= parent.stat().st_mtime
+    # a parent that fails leaves its child skipped with a message, not waiting for ever
+    cfg_dict["out"] = str(tmp_path / "failing")
+    cfg_dict["pretrain"]["objectives"]["forces_only"]["optim.lr"] = -1.0
+    out = run_study(load_study_config(_write(tmp_path, cfg_dict)), phase="pretrain", workers=2, progress=False)
+    assert [(r["ok"], r["run_dir"].split("/")[-1]) for r in out["pretrain"]] == [(False, "forces_only")]
+    assert not (tmp_path / "failing" / "pretrain" / "unseen" / "cont").exists()
     for bad in ("cont", "forces_typo"):
         cfg_dict["pretrain"]["ablations"]["cont"]["from"] = bad
         with pytest.raises(ConfigError, match="ablations.cont.from"):
