@@ -102,7 +102,7 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert {(j.key["setting"], j.key["model"]) for j in pre} == {("unseen", m) for m in OBJECTIVES} | {
         ("unseen", "forces_only_8min"), ("unseen", "forces_zero_8min"), ("unseen", "forces_only_cont"),
         ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50"),
-        ("target_in_pretraining", "forces_only_cont_w50_800")}
+        ("target_in_pretraining", "forces_only_cont_w50_800"), ("target_in_pretraining", "forces_only_cont_pool_800")}
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
@@ -115,6 +115,11 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     # the target's frames are half of every batch: they carry their own source name
     assert cont["target_in_pretraining", "forces_only_cont_w50"].config["data"]["source_weights"] == {
         "forcecentric-xtb": 1.0, cfg.target_xtb["source"]: 1.0}
+    # or the control's pool (the DFT pool's geometries with xTB labels) in their place; fine-tuned on DFT only
+    pool = cont["target_in_pretraining", "forces_only_cont_pool_800"].config["data"]
+    assert pool["train"][-1].endswith("targets/ethanol_xtb/pretrain_pool.extxyz")
+    assert pool["source_weights"] == {"forcecentric-xtb": 1.0, "ethanol_xtb-pool": 1.0}
+    assert {j.key["molecule"] for j in jobs if j.key["model"] == "forces_only_cont_pool_800"} == {"ethanol"}
     for j in pre + jobs:
         m = j.config["model"]
         assert (m["hidden_channels"], m["num_layers"], m["num_heads"]) == (128, 6, 8)
@@ -127,7 +132,7 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert rates == {**{m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch", *OBJECTIVES, "forces_only_8min",
                                                               "forces_zero_8min")},
                      "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
-                     "forces_only_cont_w50_800": {1.0e-3}}
+                     "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3}}
     for name in ("ethanol", "3BPA"):
         a, b = cfg.targets[name], first.targets[name]
         assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
@@ -356,6 +361,52 @@ def test_a_continued_pretraining_waits_for_its_parent_and_starts_from_it(tmp_pat
     cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
     assert _xtb_targets(load_study_config(_write(tmp_path, cfg_dict))) == [
         ("asp", "CC(=O)Oc1ccccc1C(=O)O"), ("eth", "CCO")]
+
+
+def test_a_pretraining_with_a_targets_pool_trains_on_it_and_is_not_finetuned_on_that_target(tmp_path):
+    """'pools: [T]' adds target T's whole training pool, under the source name T-pool, to a
+    target_in_pretraining ablation's corpus (data.source_weights can then weight it); the model is
+    fine-tuned on the other targets only, not on T, whose own frames it has seen."""
+    pytest.importorskip("tblite")
+    from forcecentric.study import pool_corpus_file
+
+    target = {"pool": ["bundled:demo_target"], "n_val": 20, "n_test": 30, "smiles": "CC(=O)Oc1ccccc1C(=O)O"}
+    cfg_dict = _config(tmp_path, targets={"asp": target, "asp_ctl": dict(target)},
+                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 2,
+                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0})
+    cfg_dict["pretrain"]["ablations"]["with_pool"] = {
+        "from": "forces_only", "pools": ["asp_ctl"], "data.source_weights": {"asp_ctl-pool": 1.0}}
+    cfg_dict["pretrain"]["settings"] = {"unseen": ["forces_only"], "target_in_pretraining": ["with_pool"]}
+    cfg_dict["finetune"]["n_train"] = [10]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    pool_corpus_file(cfg, "asp_ctl").unlink()
+    with pytest.raises(ConfigError, match="pool files"):
+        run_study(cfg, phase="pretrain", progress=False)  # made by prepare
+    prepare(cfg, progress=False)  # makes it again, keeping the split
+    pool = read_all(tmp_path / "study" / "targets" / "asp_ctl" / "pool.extxyz")
+    as_corpus = read_all(pool_corpus_file(cfg, "asp_ctl"))
+    assert len(as_corpus) == len(pool) == 350 and {r.source for r in as_corpus} == {"asp_ctl-pool"}
+    for a, b in zip(pool, as_corpus):
+        np.testing.assert_array_equal(a.pos, b.pos)
+        np.testing.assert_allclose(a.forces, b.forces, atol=1e-9)
+    jobs = {j.key["model"]: j for j in pretrain_jobs(cfg)}
+    assert jobs["with_pool"].config["data"]["train"][-1] == str(pool_corpus_file(cfg, "asp_ctl"))
+    assert "pools" not in jobs["with_pool"].config
+    planned = {(j.key["molecule"], j.key["model"]) for j in finetune_jobs(cfg) if j.key["seed"] == 0}
+    assert ("asp", "with_pool") in planned and ("asp_ctl", "with_pool") not in planned
+    assert ("asp_ctl", "forces_only") in planned
+    # the sampler draws the pool's frames by their source name: the run trains on them alone
+    out = run_study(cfg, phase="pretrain", workers=1, progress=False)
+    assert [r["ok"] for r in out["pretrain"]] == [True, True], out
+    # errors name the ablation: an unknown target, and a pool in the unseen setting
+    for pools, settings, match in ((["aspx"], None, "with_pool.pools"),
+                                   (["asp_ctl"], {"unseen": ["forces_only", "with_pool"]}, "unseen setting")):
+        cfg_dict["pretrain"]["ablations"]["with_pool"]["pools"] = pools
+        if settings:
+            cfg_dict["pretrain"]["settings"] = settings
+        with pytest.raises(ConfigError, match=match):
+            load_study_config(_write(tmp_path, cfg_dict))
 
 
 def test_finetune_before_prepare_is_refused(tmp_path):

@@ -49,6 +49,7 @@ SCRATCH_TWIN = "scratch_as_"
 DEFAULT_FT = "default"  # the fine-tuning settings of ``finetune.set``, without a variant
 VARIANT_MODELS = "models"  # a variant's own list of models, in place of finetune.variant_models
 CONTINUES = "from"  # an ablation's key: the unseen pre-training whose model it continues to train
+POOLS = "pools"  # an ablation's key: targets whose training pools join its corpus (target_in_pretraining)
 
 
 class TargetConfig(_Strict):
@@ -84,7 +85,9 @@ class PretrainConfig(_Strict):
         description="ablation name -> dotted overrides; 'base' names the objective whose loss weights it "
                     "starts from (default: full, or with 'from' that pre-training's) and 'from' an unseen "
                     "pre-training whose model it continues to train (its init_from; it runs once that one "
-                    "has finished)",
+                    "has finished); 'pools' (target_in_pretraining only) lists targets whose whole training "
+                    "pools, with their labels, join its corpus as source TARGET-pool (for example the DFT "
+                    "pool's geometries labelled with xTB); it is not fine-tuned on those targets",
     )
     settings: dict[Literal["unseen", "target_in_pretraining"], list[str]] = Field(
         description="which objectives (and ablations) each setting pre-trains"
@@ -144,6 +147,16 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
             raise ConfigError(f"pretrain.ablations.{name}.{CONTINUES} is {parent!r}: it must name another "
                               f"pre-training of the unseen setting {sorted(unseen)} that does not itself "
                               f"continue one")
+    for name, spec in cfg.pretrain.ablations.items():
+        pools = spec.get(POOLS)
+        if pools is None:
+            continue
+        if not isinstance(pools, list) or not pools or any(t not in cfg.targets for t in pools):
+            raise ConfigError(f"pretrain.ablations.{name}.{POOLS} is {pools!r}: it must be a list of targets "
+                              f"{sorted(cfg.targets)}")
+        if name in unseen:
+            raise ConfigError(f"pretrain.ablations.{name} has {POOLS} (targets' frames in its corpus) but is "
+                              "listed in the unseen setting: list it under target_in_pretraining")
     taken = [n for n in [*cfg.pretrain.objectives, *cfg.pretrain.ablations] if n.startswith(SCRATCH)]
     if taken:
         raise ConfigError(f"pre-training names {taken} start with {SCRATCH!r}, which names the from-scratch "
@@ -218,6 +231,16 @@ def xtb_dir(cfg: StudyConfig) -> Path:
     return Path(cfg.out) / "targets" / "xtb"
 
 
+def pool_corpus_file(cfg: StudyConfig, target: str) -> Path:
+    """A target's training pool as pre-training data: its frames with source ``TARGET-pool``."""
+    return _target_dir(cfg, target) / "pretrain_pool.extxyz"
+
+
+def _pools_of(cfg: StudyConfig, name: str) -> list[str]:
+    """The targets whose training pools join pre-training ``name``'s corpus."""
+    return list(cfg.pretrain.ablations.get(name, {}).get(POOLS) or [])
+
+
 def _objective_of(cfg: StudyConfig, name: str) -> str:
     """The objective a pre-training (an objective or an ablation of one) trains with."""
     if name in cfg.pretrain.objectives:
@@ -241,6 +264,7 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
             else:
                 spec = dict(cfg.pretrain.ablations[name])
                 continues = spec.pop(CONTINUES, None)
+                pools = spec.pop(POOLS, None) or []
                 parent = spec.pop("base", _objective_of(cfg, continues) if continues else "full")
                 over.update(cfg.pretrain.objectives[parent])
                 if continues is not None:
@@ -252,7 +276,8 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
             data["task"] = "pretrain"
             data["model"] = {**data.get("model", {}), **cfg.model}
             data["run_dir"] = str(run_dir)
-            data.setdefault("data", {})["train"] = corpus
+            data.setdefault("data", {})["train"] = corpus + [str(pool_corpus_file(cfg, t))
+                                                             for t in _pools_of(cfg, name)]
             apply_overrides(data, over)
             jobs.append(Job("pretrain", run_dir, data, {"setting": setting, "model": name}, needs))
     return jobs
@@ -285,8 +310,8 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
                     ft.ablation_targets is None or target in ft.ablation_targets)
                 for (name, setting), variant in [(m, DEFAULT_FT) for m in models] + [
                         (m, v) for v in ft.variants for m in models if _gets_variant(m, twins, ft.variants[v], ft)]:
-                    if setting is not None and setting not in tc.settings:
-                        continue
+                    if setting is not None and (setting not in tc.settings or target in _pools_of(cfg, name)):
+                        continue  # not this target's setting, or its own pool was pre-trained on
                     if name in ablations or name in twins or variant != DEFAULT_FT:
                         if not in_ablation:
                             continue
@@ -385,6 +410,14 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
                 "relabel": tc.relabel}
         (tdir / "split.json").write_text(json.dumps(info, indent=2))
         report[target] = info
+    for target in sorted({t for name in cfg.pretrain.ablations for t in _pools_of(cfg, name)}):
+        path = pool_corpus_file(cfg, target)
+        if not path.is_file():
+            records = read_all(_target_dir(cfg, target) / "pool.extxyz")
+            for r in records:
+                r.source = f"{target}-pool"
+            _write_frames(path, records)
+        report.setdefault("pools", {})[target] = str(path)
     molecules = _xtb_targets(cfg)
     if molecules:
         from .data.label import label_to_shards
@@ -760,6 +793,11 @@ def run_study(cfg: StudyConfig, phase: str = "all", workers: int = 2, accelerato
                     raise ConfigError(f"targets {unprepared} are not split yet: run --phase prepare first")
             elif "target_in_pretraining" in cfg.pretrain.settings and not list(xtb_dir(cfg).glob("shard-*.extxyz")):
                 raise ConfigError(f"no GFN2-xTB target frames in {str(xtb_dir(cfg))!r}: run --phase prepare first")
+            else:
+                missing = [str(pool_corpus_file(cfg, t)) for name in cfg.pretrain.settings.get(
+                    "target_in_pretraining", []) for t in _pools_of(cfg, name) if not pool_corpus_file(cfg, t).is_file()]
+                if missing:
+                    raise ConfigError(f"no pre-training pool files {missing}: run --phase prepare first")
             jobs = pretrain_jobs(cfg) if ph == "pretrain" else finetune_jobs(cfg)
             for k, allowed in (filters or {}).items():
                 jobs = [j for j in jobs if str(j.key.get(k)) in allowed]
