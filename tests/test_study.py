@@ -102,7 +102,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert {(j.key["setting"], j.key["model"]) for j in pre} == {("unseen", m) for m in OBJECTIVES} | {
         ("unseen", "forces_only_8min"), ("unseen", "forces_zero_8min"), ("unseen", "forces_only_cont"),
         ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50"),
-        ("target_in_pretraining", "forces_only_cont_w50_800"), ("target_in_pretraining", "forces_only_cont_pool_800")}
+        ("target_in_pretraining", "forces_only_cont_w50_800"), ("target_in_pretraining", "forces_only_cont_pool_800"),
+        ("target_in_pretraining", "forces_only_cont_methanol_800")}
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
@@ -120,6 +121,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert pool["train"][-1].endswith("targets/ethanol_xtb/pretrain_pool.extxyz")
     assert pool["source_weights"] == {"forcecentric-xtb": 1.0, "ethanol_xtb-pool": 1.0}
     assert {j.key["molecule"] for j in jobs if j.key["model"] == "forces_only_cont_pool_800"} == {"ethanol"}
+    assert "methanol" not in {j.key["molecule"] for j in jobs}  # a pool only (finetune: false)
+    assert cfg.targets["methanol"].select == {"config_type": "methanol"}
     for j in pre + jobs:
         m = j.config["model"]
         assert (m["hidden_channels"], m["num_layers"], m["num_heads"]) == (128, 6, 8)
@@ -132,7 +135,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert rates == {**{m: {5.0e-4, 1.0e-3, 2.0e-3} for m in ("scratch", *OBJECTIVES, "forces_only_8min",
                                                               "forces_zero_8min")},
                      "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
-                     "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3}}
+                     "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3},
+                     "forces_only_cont_methanol_800": {1.0e-3}}
     for name in ("ethanol", "3BPA"):
         a, b = cfg.targets[name], first.targets[name]
         assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
@@ -407,6 +411,35 @@ def test_a_pretraining_with_a_targets_pool_trains_on_it_and_is_not_finetuned_on_
             cfg_dict["pretrain"]["settings"] = settings
         with pytest.raises(ConfigError, match=match):
             load_study_config(_write(tmp_path, cfg_dict))
+
+
+def test_a_data_only_target_keeps_its_selected_frames_and_is_not_finetuned(tmp_path):
+    """select keeps one molecule of a mixed file (in pool and held-out frames); finetune: false makes
+    a target a training pool for an ablation's 'pools' only; a select that matches nothing is an error."""
+    from forcecentric.data.label import write_extxyz
+    from forcecentric.errors import DataError
+    from forcecentric.train.datamodule import resolve_path
+
+    frames = read_all(resolve_path("bundled:demo_target"))[:60]
+    atoms = [f.to_atoms() for f in frames]
+    for i, a in enumerate(atoms):
+        a.info["config_type"] = "kept" if i % 3 else "other"
+    mixed = tmp_path / "mixed.extxyz"
+    write_extxyz(mixed, atoms)
+    cfg_dict = _config(tmp_path)
+    cfg_dict["targets"]["extra"] = {"pool": [str(mixed)], "n_val": 5, "n_test": 5,
+                                    "select": {"config_type": "kept"}, "finetune": False}
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    report = prepare(cfg, progress=False)
+    assert (report["extra"]["pool"], report["extra"]["val"], report["extra"]["test"]) == (30, 5, 5)
+    split = [r for part in ("pool", "val", "test") for r in read_all(tmp_path / "study" / "targets" / "extra" / f"{part}.extxyz")]
+    assert {r.info["config_type"] for r in split} == {"kept"} and len(split) == 40
+    jobs = finetune_jobs(cfg)
+    assert jobs and {j.key["molecule"] for j in jobs} == {"aspirin"}
+    cfg_dict["out"] = str(tmp_path / "none")
+    cfg_dict["targets"]["extra"]["select"] = {"config_type": "typo"}
+    with pytest.raises(DataError, match="'extra'.*typo"):
+        prepare(load_study_config(_write(tmp_path, cfg_dict)), progress=False)
 
 
 def test_finetune_before_prepare_is_refused(tmp_path):

@@ -73,6 +73,14 @@ class TargetConfig(_Strict):
         default_factory=lambda: list(SETTINGS),
         description="pre-training settings fine-tuned on this target (target_in_pretraining needs smiles)",
     )
+    select: dict[str, str] = Field(
+        default_factory=dict,
+        description="keep only the frames whose info key (or mol_id / source) has this value, in pool and "
+        "held-out files alike, e.g. {config_type: methanol} for one molecule of a mixed file",
+    )
+    finetune: bool = Field(
+        True, description="false: split only, a training pool for an ablation's 'pools', never fine-tuned on"
+    )
 
 
 class PretrainConfig(_Strict):
@@ -179,7 +187,8 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
         raise ConfigError(f"finetune.variants: {DEFAULT_FT!r} is the name of the plain fine-tuning settings; "
                           "give the variant another name")
     if "target_in_pretraining" in cfg.pretrain.settings:
-        missing = [t for t, tc in cfg.targets.items() if "target_in_pretraining" in tc.settings and not tc.smiles]
+        missing = [t for t, tc in cfg.targets.items()
+                   if tc.finetune and "target_in_pretraining" in tc.settings and not tc.smiles]
         if missing:
             raise ConfigError(f"the target_in_pretraining setting needs a smiles for targets {missing} "
                               "(or leave it out of their settings)")
@@ -194,7 +203,7 @@ def _xtb_targets(cfg: StudyConfig) -> list[tuple[str, str]]:
         return []
     first: dict[str, str] = {}
     for t, tc in cfg.targets.items():
-        if "target_in_pretraining" in tc.settings:
+        if tc.finetune and "target_in_pretraining" in tc.settings:
             first.setdefault(tc.smiles, t)
     return [(t, smiles) for smiles, t in first.items()]
 
@@ -304,7 +313,7 @@ def finetune_jobs(cfg: StudyConfig) -> list[Job]:
         for seed in ft.seeds:
             for target, tc in cfg.targets.items():
                 tdir = _target_dir(cfg, target)
-                if n > pools[target]:
+                if n > pools[target] or not tc.finetune:
                     continue
                 in_ablation = n in ft.ablation_n_train and (
                     ft.ablation_targets is None or target in ft.ablation_targets)
@@ -380,9 +389,11 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
         if all(p.is_file() for p in files.values()):
             report[target] = json.loads((tdir / "split.json").read_text())
             continue
-        pool = [r for spec in tc.pool for r in read_all(resolve_path(spec))]
+        pool = [r for spec in tc.pool for r in read_all(resolve_path(spec)) if _selected(r, tc.select)]
+        if not pool:
+            raise DataError(f"target {target!r}: no frame of its pool matches select {tc.select}", file=str(tc.pool))
         if tc.heldout:
-            held = [r for spec in tc.heldout for r in read_all(resolve_path(spec))]
+            held = [r for spec in tc.heldout for r in read_all(resolve_path(spec)) if _selected(r, tc.select)]
         else:
             held, pool = _carve(pool, tc.n_val + tc.n_test, seed=12345)
         if len(held) < tc.n_val + tc.n_test:
@@ -428,6 +439,12 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
         n = sum(len(read_all(p)) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")))
         report["xtb"]["n_frames"] = n
     return report
+
+
+def _selected(record, select: dict[str, str]) -> bool:
+    """Whether a record matches a target's ``select`` (every key: an info value, mol_id or source)."""
+    return all(str(getattr(record, k) if k in ("mol_id", "source") else record.info.get(k)) == str(v)
+               for k, v in select.items())
 
 
 def _carve(records: list, n: int, seed: int) -> tuple[list, list]:
