@@ -250,6 +250,11 @@ def _pools_of(cfg: StudyConfig, name: str) -> list[str]:
     return list(cfg.pretrain.ablations.get(name, {}).get(POOLS) or [])
 
 
+def _pooled_targets(cfg: StudyConfig) -> list[str]:
+    """The targets whose training pools some pre-training of the study trains on."""
+    return sorted({t for names in cfg.pretrain.settings.values() for name in names for t in _pools_of(cfg, name)})
+
+
 def _objective_of(cfg: StudyConfig, name: str) -> str:
     """The objective a pre-training (an objective or an ablation of one) trains with."""
     if name in cfg.pretrain.objectives:
@@ -268,12 +273,13 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
         for name in names:
             over = dict(cfg.pretrain.set)
             needs = None
+            pools: list[str] = []
             if name in cfg.pretrain.objectives:
                 over.update(cfg.pretrain.objectives[name])
             else:
                 spec = dict(cfg.pretrain.ablations[name])
                 continues = spec.pop(CONTINUES, None)
-                pools = spec.pop(POOLS, None) or []
+                pools = spec.pop(POOLS, None) or []  # the targets whose pool files join the corpus
                 parent = spec.pop("base", _objective_of(cfg, continues) if continues else "full")
                 over.update(cfg.pretrain.objectives[parent])
                 if continues is not None:
@@ -285,8 +291,7 @@ def pretrain_jobs(cfg: StudyConfig) -> list[Job]:
             data["task"] = "pretrain"
             data["model"] = {**data.get("model", {}), **cfg.model}
             data["run_dir"] = str(run_dir)
-            data.setdefault("data", {})["train"] = corpus + [str(pool_corpus_file(cfg, t))
-                                                             for t in _pools_of(cfg, name)]
+            data.setdefault("data", {})["train"] = corpus + [str(pool_corpus_file(cfg, t)) for t in pools]
             apply_overrides(data, over)
             jobs.append(Job("pretrain", run_dir, data, {"setting": setting, "model": name}, needs))
     return jobs
@@ -421,7 +426,7 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
                 "relabel": tc.relabel}
         (tdir / "split.json").write_text(json.dumps(info, indent=2))
         report[target] = info
-    for target in sorted({t for name in cfg.pretrain.ablations for t in _pools_of(cfg, name)}):
+    for target in _pooled_targets(cfg):
         path = pool_corpus_file(cfg, target)
         if not path.is_file():
             records = read_all(_target_dir(cfg, target) / "pool.extxyz")
@@ -811,8 +816,8 @@ def run_study(cfg: StudyConfig, phase: str = "all", workers: int = 2, accelerato
             elif "target_in_pretraining" in cfg.pretrain.settings and not list(xtb_dir(cfg).glob("shard-*.extxyz")):
                 raise ConfigError(f"no GFN2-xTB target frames in {str(xtb_dir(cfg))!r}: run --phase prepare first")
             else:
-                missing = [str(pool_corpus_file(cfg, t)) for name in cfg.pretrain.settings.get(
-                    "target_in_pretraining", []) for t in _pools_of(cfg, name) if not pool_corpus_file(cfg, t).is_file()]
+                missing = [str(pool_corpus_file(cfg, t)) for t in _pooled_targets(cfg)
+                           if not pool_corpus_file(cfg, t).is_file()]
                 if missing:
                     raise ConfigError(f"no pre-training pool files {missing}: run --phase prepare first")
             jobs = pretrain_jobs(cfg) if ph == "pretrain" else finetune_jobs(cfg)
