@@ -137,6 +137,9 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
                      "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
                      "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3},
                      "forces_only_cont_methanol_800": {1.0e-3}}
+    # the largest size: scratch and the four objectives at the preset rate (the pool holds 1,000 frames)
+    big = {(j.key["model"], j.key["finetune"]) for j in jobs if j.key["n_train"] == 1000 and j.key["molecule"] == "ethanol"}
+    assert big == {(m, "default") for m in ("scratch", *OBJECTIVES)}
     for name in ("ethanol", "3BPA"):
         a, b = cfg.targets[name], first.targets[name]
         assert (a.pool, a.heldout, a.n_val, a.n_test) == (b.pool, b.heldout, b.n_val, b.n_test)
