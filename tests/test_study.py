@@ -103,11 +103,18 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
         ("unseen", "forces_only_8min"), ("unseen", "forces_zero_8min"), ("unseen", "forces_only_cont"),
         ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50"),
         ("target_in_pretraining", "forces_only_cont_w50_800"), ("target_in_pretraining", "forces_only_cont_pool_800"),
-        ("target_in_pretraining", "forces_only_cont_methanol_800"), ("unseen", "full_denoise0.01")}
+        ("target_in_pretraining", "forces_only_cont_methanol_800"), ("unseen", "full_denoise0.01"),
+        ("unseen", "forces_only_mol25")}
     # the full objective with the denoising weight at a tenth, bound to full's own steps (a CPU run)
     light = {j.key["model"]: j.config for j in pre if j.key["model"] in ("full", "full_denoise0.01")}
     assert light["full_denoise0.01"]["loss"] == {**light["full"]["loss"], "denoise": 0.01}
     assert (light["full_denoise0.01"]["trainer"]["max_steps"], light["full_denoise0.01"]["trainer"]["max_time_minutes"]) == (1437, None)
+    # corpus size: forces_only on a quarter of the molecules, split by molecule, for forces_only's own steps
+    small = {j.key["model"]: j.config for j in pre if j.key["model"] in ("forces_only", "forces_only_mol25")}
+    assert small["forces_only_mol25"]["loss"] == small["forces_only"]["loss"]
+    assert {k: small["forces_only_mol25"]["data"][k] for k in ("train", "split_by_molecule", "n_train", "n_val")} == {
+        "train": ["bundled:corpus"], "split_by_molecule": True, "n_train": 270, "n_val": 25}
+    assert (small["forces_only_mol25"]["trainer"]["max_steps"], small["forces_only_mol25"]["trainer"]["max_time_minutes"]) == (1489, None)
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
@@ -140,7 +147,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
                                                               "forces_zero_8min")},
                      "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
                      "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3},
-                     "forces_only_cont_methanol_800": {1.0e-3}, "full_denoise0.01": {1.0e-3}}
+                     "forces_only_cont_methanol_800": {1.0e-3}, "full_denoise0.01": {1.0e-3},
+                     "forces_only_mol25": {1.0e-3}}
     # the largest size: scratch and the four objectives at the preset rate (the pool holds 1,000 frames)
     big = {(j.key["model"], j.key["finetune"]) for j in jobs if j.key["n_train"] == 1000 and j.key["molecule"] == "ethanol"}
     assert big == {(m, "default") for m in ("scratch", *OBJECTIVES)}
