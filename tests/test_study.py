@@ -104,7 +104,7 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
         ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50"),
         ("target_in_pretraining", "forces_only_cont_w50_800"), ("target_in_pretraining", "forces_only_cont_pool_800"),
         ("target_in_pretraining", "forces_only_cont_methanol_800"), ("unseen", "full_denoise0.01"),
-        ("unseen", "forces_only_mol25")}
+        ("unseen", "forces_only_mol25"), ("unseen", "forces_only_cont_1489")}
     # the full objective with the denoising weight at a tenth, bound to full's own steps (a CPU run)
     light = {j.key["model"]: j.config for j in pre if j.key["model"] in ("full", "full_denoise0.01")}
     assert light["full_denoise0.01"]["loss"] == {**light["full"]["loss"], "denoise": 0.01}
@@ -120,8 +120,12 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
     cont = {(j.key["setting"], j.key["model"]): j for j in pre if "_cont" in j.key["model"]}
     assert all(j.needs.parts[-3:] == ("unseen", "forces_only", "model.ckpt") for j in cont.values())
-    assert {j.config["trainer"]["max_steps"] for j in cont.values()} == {240, 800}
+    assert {j.config["trainer"]["max_steps"] for j in cont.values()} == {240, 800, 1489}
     assert cont["unseen", "forces_only_cont"].config["data"]["train"] == ["bundled:corpus"]
+    # the longer pre-training: forces_only's own steps again, on the corpus alone, at the continuations' rate
+    twice = cont["unseen", "forces_only_cont_1489"].config
+    assert (twice["data"]["train"], twice["trainer"]["max_steps"], twice["optim"]["lr"], twice["loss"]) == (
+        ["bundled:corpus"], 1489, 5.0e-4, cont["unseen", "forces_only_cont"].config["loss"])
     assert len(cont["target_in_pretraining", "forces_only_cont"].config["data"]["train"]) == 1 + len(
         list(xtb_dir(cfg).glob("shard-*.extxyz")))
     # the target's frames are half of every batch: they carry their own source name
@@ -148,7 +152,7 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
                      "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
                      "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3},
                      "forces_only_cont_methanol_800": {1.0e-3}, "full_denoise0.01": {1.0e-3},
-                     "forces_only_mol25": {1.0e-3}}
+                     "forces_only_mol25": {1.0e-3}, "forces_only_cont_1489": {1.0e-3}}
     # the issue's largest size: scratch and the four objectives at the preset rate (the pool holds 1,000 frames)
     big = {(j.key["model"], j.key["finetune"]) for j in jobs if j.key["n_train"] == 1000 and j.key["molecule"] == "ethanol"}
     assert big == {(m, "default") for m in ("scratch", *OBJECTIVES)}
