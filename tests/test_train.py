@@ -278,6 +278,40 @@ def test_cosine_schedule_follows_steps_or_a_time_budget():
     assert cosine_factor(100, total=100, warmup=10, floor=0.0, time_used=0.1) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("schedule", ["plateau", "cosine", "constant"])
+def test_the_logged_rate_is_the_rate_each_epochs_first_step_uses(tmp_path, morse_file, monkeypatch, schedule):
+    """With a warm-up, the rate monitor's value at an epoch's start is the rate the epoch's first
+    optimizer step uses: lr / warmup_steps at epoch 0, not the full rate the ramp has not reached."""
+    import csv
+
+    import lightning.pytorch as pl
+
+    from forcecentric.train import run as run_module
+
+    used: list[float] = []
+
+    class Rates(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            used.append(optimizer.param_groups[0]["lr"])
+
+    original = run_module._trainer
+
+    def trainer(cfg, run_dir):
+        t = original(cfg, run_dir)
+        t.callbacks.append(Rates())
+        return t
+
+    monkeypatch.setattr(run_module, "_trainer", trainer)
+    # 24 training frames, batch 8: 3 steps per epoch; the warm-up spans the first 4 steps
+    cfg = _cfg(tmp_path, morse_file, **{"optim.lr": 1e-3, "optim.warmup_steps": 4, "optim.schedule": schedule,
+                                        "optim.ema_decay": None, "trainer.max_epochs": 3})
+    run_module.run(cfg)
+    assert used[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    logged = [float(r["lr-AdamW"]) for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open())
+              if r.get("lr-AdamW")]
+    assert logged == pytest.approx([used[0], used[3], used[6]])
+
+
 @pytest.mark.parametrize("spec", ["bundled:demo_pretrain", "bundled:corpus"])
 def test_equilibrium_only_molecules_keep_just_their_minima(spec):
     from forcecentric.config import DataConfig

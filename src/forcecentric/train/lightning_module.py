@@ -124,6 +124,7 @@ class _TrainingModule(pl.LightningModule):
                 opt, mode="min", factor=o.plateau_factor, patience=o.plateau_patience,
                 min_lr=[o.min_lr * g["lr_factor"] for g in groups],
             )
+            self._warm_up(opt, 0)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss",
                                                        "interval": "epoch", "strict": False}}
         if o.schedule == "cosine":
@@ -141,11 +142,26 @@ class _TrainingModule(pl.LightningModule):
                     # DDP: rank 0's clock for everyone, so all replicas keep the same learning
                     # rate (and the same weights); every rank steps its scheduler alike
                     used = float(self.trainer.strategy.broadcast(used, src=0))
-                return cosine_factor(step, total, warm, o.min_lr / o.lr, used)
+                # the warm-up ramp is part of the schedule too, so that the rate the scheduler leaves
+                # after each step (what the rate monitor logs) is the one the next step uses
+                ramp = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+                return ramp * cosine_factor(step, total, warm, o.min_lr / o.lr, used)
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            self._warm_up(opt, 0)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        self._warm_up(opt, 0)
         return opt
+
+    def _warm_up(self, optimizer, step: int) -> None:
+        """The linear warm-up's rate for ``step`` on every parameter group (nothing after the
+        warm-up). Also set once when the optimizer is made, so that what the rate monitor logs
+        before the first step is the rate that step uses (a resumed run's saved rates replace it)."""
+        o = self.config.optim
+        if o.warmup_steps > 0 and step < o.warmup_steps:
+            scale = (step + 1) / o.warmup_steps
+            for group in optimizer.param_groups:
+                group["lr"] = scale * o.lr * group.get("lr_factor", 1.0)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups, each with its ``lr_factor`` (its rate relative to
@@ -170,16 +186,14 @@ class _TrainingModule(pl.LightningModule):
         # linear warm-up on top of whichever schedule is active (as TorchMD-Net does)
         o = self.config.optim
         step = self.trainer.global_step
-        if o.warmup_steps > 0 and step < o.warmup_steps:
-            scale = (step + 1) / o.warmup_steps
-            for group in optimizer.param_groups:
-                group["lr"] = scale * o.lr * group.get("lr_factor", 1.0)
-        elif o.warmup_steps > 0 and step == o.warmup_steps and o.schedule != "cosine":
+        self._warm_up(optimizer, step)
+        if o.warmup_steps > 0 and step == o.warmup_steps and o.schedule != "cosine":
             for group in optimizer.param_groups:
                 group["lr"] = o.lr * group.get("lr_factor", 1.0)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._anchored:
-            self._pull_toward_anchors(optimizer)
+            self._pull_toward_anchors(optimizer)  # at this step's rate
+        self._warm_up(optimizer, step + 1)  # the next step's rate, so that the monitor logs the rate in use
 
     @torch.no_grad()
     def _pull_toward_anchors(self, optimizer) -> None:
