@@ -228,3 +228,27 @@ def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model():
         e_ref = [model(torch.as_tensor(r.z), torch.as_tensor(r.pos))["energy"].item() for r in recs]
     np.testing.assert_allclose(e_fused, e_ref, rtol=1e-10)  # energies of ~-5,000 eV (atomrefs)
     assert len(f_fused) == 3 and f_fused[2].shape == (14, 3)
+
+
+def test_a_build_killed_midway_does_not_leave_later_processes_waiting(tmp_path):
+    """cpp_extension guards its build with a plain lock file and waits for it without a limit; a
+    build killed midway left it behind and every later process hung. Such a leftover is found
+    under our own OS-released lock, removed with a warning, and the build goes on."""
+    import os
+    import subprocess
+    import sys
+
+    from forcecentric.nn.kernels import _NAME
+
+    stale = tmp_path / _NAME / "lock"
+    stale.parent.mkdir()
+    stale.touch()  # what a killed build leaves
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from forcecentric.nn.kernels import load_extension\n"
+            "print(load_extension().__name__)")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == _NAME and not stale.exists()
+    assert "left behind by a build of the fused kernels that was killed" in done.stderr
+    assert (tmp_path / f"{_NAME}.flock").is_file()

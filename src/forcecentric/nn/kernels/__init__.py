@@ -18,6 +18,7 @@ CUDA tensors take the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -57,14 +58,15 @@ def load_extension():
 
             _ninja_on_path()
             try:
-                _ext = cpp_extension.load(
-                    name=_NAME,
-                    sources=[str(_SOURCE)],
-                    # OpenMP: at::parallel_for's threads and the `omp simd` loops
-                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                with _build_lock(cpp_extension):
+                    _ext = cpp_extension.load(
+                        name=_NAME,
+                        sources=[str(_SOURCE)],
+                        # OpenMP: at::parallel_for's threads and the `omp simd` loops
+                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast"],
+                        extra_ldflags=["-fopenmp"],
+                        verbose=False,
+                    )
             except Exception as exc:  # noqa: BLE001 - re-raised with the cause named
                 detail = str(exc).strip()
                 if len(detail) > 1500:  # compiler logs: the end names the error
@@ -77,6 +79,37 @@ def load_extension():
                 )
                 raise _error from exc
     return _ext
+
+
+@contextlib.contextmanager
+def _build_lock(cpp_extension):
+    """Serialize the build across processes with a lock the operating system releases when its
+    holder dies, and clear the lock file a killed build left behind.
+
+    ``cpp_extension.load`` guards its build with a plain ``lock`` file in the build directory
+    and waits, without a time limit, for it to disappear: a process killed while it compiled
+    (a timeout, Ctrl-C, a batch system) left every later process waiting for ever, silently.
+    Under this ``flock`` no other process of ours is building, so a ``lock`` file found there is
+    such a leftover and is removed. Where ``fcntl`` is missing (Windows) the build runs as before.
+    """
+    try:
+        import fcntl
+
+        build_dir = Path(cpp_extension._get_build_directory(_NAME, verbose=False))
+    except (ImportError, AttributeError):  # pragma: no cover - Windows, or a torch without the helper
+        yield
+        return
+    with open(build_dir.parent / f"{_NAME}.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                warnings.warn(f"removing {stale}, left behind by a build of the fused kernels that was "
+                              "killed; building again", RuntimeWarning, stacklevel=4)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_fused_if_available(model, required: bool = False) -> bool:
