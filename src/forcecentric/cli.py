@@ -243,6 +243,25 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_relabel(args) -> int:
+    from .data.dft import DFTSettings
+    from .data.relabel import relabel_file
+
+    dft = DFTSettings(xc=args.xc, basis=args.basis, density_fit=not args.no_density_fit,
+                      grid_level=args.grid_level, conv_tol=args.conv_tol, max_cycle=args.max_cycle,
+                      max_memory_mb=args.max_memory)
+    select = {}
+    for item in args.select:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--select {item!r}: expected KEY=VALUE, e.g. temperature_K=500.0")
+        select[key] = value
+    report = relabel_file(args.inputs, args.out, args.method, n=args.n, seed=args.seed, select=select, dft=dft,
+                          threads=args.threads, progress=not args.no_progress)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_simulate(args) -> int:
     import warnings
 
@@ -474,6 +493,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_label)
+
+    sp = sub.add_parser("relabel", help="new energies and forces (DFT with PySCF, or GFN2-xTB) for given frames",
+                        description="The same geometries with new labels: every frame of the inputs, or --n frames "
+                        "drawn at random, labelled by a fresh GFN2-xTB or DFT (PySCF) calculation. The workflow: sample "
+                        "a molecule cheaply with 'forcecentric label', then label a few frames at the level of theory of "
+                        "your reference data and fine-tune on them. Each finished frame is kept in OUT.partial/, so a "
+                        "killed run resumes where it stopped; OUT is written, atomically, once every frame is done. "
+                        "DFT needs PySCF: pip install 'forcecentric[dft]'.", formatter_class=fmt)
+    sp.add_argument("inputs", nargs="+", help="structure files (extxyz, or any format 'forcecentric evaluate' reads)")
+    sp.add_argument("--out", required=True, help="output extended-XYZ file (must not exist)")
+    sp.add_argument("--method", choices=["dft", "xtb"], default="dft", help="who computes the labels")
+    sp.add_argument("--n", type=int, default=None, help="label only N frames drawn at random (default: all)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random draw of --n frames")
+    sp.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
+                    help="keep only frames with this info value (or mol_id, source, level_of_theory), e.g. "
+                    "sampling=md; repeatable")
+    sp.add_argument("--xc", default="pbe", help="DFT functional (a PySCF name: pbe, b3lyp, wb97x, ...)")
+    sp.add_argument("--basis", default="def2-svp", help="DFT basis set (a PySCF name)")
+    sp.add_argument("--no-density-fit", action="store_true", help="exact integrals instead of density fitting (slower)")
+    sp.add_argument("--grid-level", type=int, default=3, help="DFT integration grid level (PySCF, 0-9)")
+    sp.add_argument("--conv-tol", type=float, default=1e-9, help="SCF energy convergence (Hartree)")
+    sp.add_argument("--max-cycle", type=int, default=100, help="SCF iterations before a frame fails")
+    sp.add_argument("--max-memory", type=int, default=4000, help="PySCF memory limit (MB)")
+    sp.add_argument("--threads", type=int, default=None, help="DFT threads (default: all cores)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_relabel)
 
     sp = sub.add_parser("label-properties", help="GFN2-xTB HOMO, LUMO, gap and dipole of given structures (property data)",
                         description="A GFN2-xTB single point (tblite) of every structure as given (meant for minima, "

@@ -16,6 +16,28 @@ from ..errors import DataError
 MIN_DISTANCE = 0.1
 
 
+def scalar_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The scalar entries of an ``info`` dict (numbers, strings, booleans) as plain Python values.
+
+    ASE's extxyz parser gives integers as NumPy scalars, which are not ``int`` instances: they are
+    kept too, as Python numbers, so that integer metadata survives a write and a read.
+    """
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, np.generic) and v.ndim == 0 and isinstance(v.item(), (int, float, str, bool)):
+            v = v.item()
+        if isinstance(v, (int, float, str, bool)):
+            out[k] = v
+    return out
+
+
+def matches(record: "Conformation", select: dict[str, Any]) -> bool:
+    """Whether ``record`` has every ``key: value`` of ``select`` (compared as strings), where a key
+    is ``mol_id``, ``source`` or ``level_of_theory``, or else an ``info`` key."""
+    own = ("mol_id", "source", "level_of_theory")
+    return all(str(getattr(record, k) if k in own else record.info.get(k)) == str(v) for k, v in select.items())
+
+
 @dataclass
 class Conformation:
     """One conformation.
@@ -63,7 +85,7 @@ class Conformation:
         from ase.calculators.singlepoint import SinglePointCalculator
 
         atoms = Atoms(numbers=self.z, positions=self.pos)
-        scalars = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))}
+        scalars = scalar_info(self.info)
         atoms.info.update(scalars)
         atoms.info.update(equilibrium=bool(self.equilibrium), charge=int(self.charge), mol_id=self.mol_id)
         if self.source:

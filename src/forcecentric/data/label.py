@@ -223,22 +223,12 @@ def relabel_xtb(records: Sequence, accuracy: float = 1.0, *, file: str | None = 
     ``info["relabelled_from"]``. Used by the study's control target: a DFT target's frames at
     the pre-training corpus's level of theory. A non-finite label raises a
     :class:`~forcecentric.errors.DataError` naming ``file`` (where the frames came from) and the
-    frame's position in ``records``.
+    frame's position in ``records``. :func:`forcecentric.data.relabel.relabel` does the same
+    with DFT labels too.
     """
-    import dataclasses
+    from .relabel import relabel
 
-    out = []
-    for i, rec in enumerate(records):
-        atoms = Atoms(numbers=rec.z, positions=rec.pos)
-        atoms.info["charge"] = int(rec.charge)
-        energy, forces = _fresh_labels(atoms, accuracy)
-        if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-            raise DataError(f"frame {i} of the {len(records)} given: GFN2-xTB returned a non-finite energy "
-                            "or force", file=file)
-        info = dict(rec.info, relabelled_from=rec.level_of_theory or "unknown")
-        out.append(dataclasses.replace(rec, energy=energy, forces=np.array(forces, dtype=np.float64),
-                                       level_of_theory=LEVEL_OF_THEORY, info=info))
-    return out
+    return relabel(records, "xtb", xtb_accuracy=accuracy, file=file)
 
 
 def _seed_int(seed: int | np.random.SeedSequence) -> int:

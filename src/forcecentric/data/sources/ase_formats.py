@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DataError
-from ..conformation import Conformation
+from ..conformation import Conformation, scalar_info
 
 _TRUE = {"true", "t", "1", "yes"}
 
@@ -100,7 +100,7 @@ def conformation_from_atoms(
         source=str(source or info.pop("source", "") or Path(file).stem),
         level_of_theory=str(level_of_theory or info.pop("level_of_theory", "")),
         mol_id=mol_id,
-        info={k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
+        info=scalar_info(info),
     )
 
 
