@@ -347,6 +347,56 @@ def test_a_relabelled_target_has_the_same_frames_with_xtb_labels(tmp_path):
     assert json.loads((root / "control" / "split.json").read_text())["relabel"] == "xtb"
 
 
+def test_a_dft_pool_target_trains_on_its_xtb_frames_with_dft_labels(tmp_path):
+    """dft_pool: n of the study's own xTB frames of the target's SMILES, labelled with DFT (PySCF),
+    are the training pool; validation and test frames come from the held-out files unchanged."""
+    pytest.importorskip("tblite")
+    pytest.importorskip("pyscf")
+    from forcecentric.data.dft import DFTSettings, dft_labels
+
+    held = _water_frames(tmp_path)
+    water = read_all(held)
+    target = {"smiles": "O", "dft_pool": {"n": 2, "seed": 1, "basis": "sto-3g", "density_fit": False},
+              "heldout": [str(held)], "n_val": 1, "n_test": 2, "kind": "DFT at xTB geometries"}
+    cfg_dict = _config(tmp_path, targets={"water": target},
+                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 3,
+                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0})
+    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    root = tmp_path / "study" / "targets" / "water"
+    pool = read_all(root / "pool.extxyz")
+    xtb = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
+    assert len(pool) == 2 and len(xtb) >= 3
+    for rec in pool:
+        source = xtb[rec.info["relabel_index"]]
+        np.testing.assert_allclose(rec.pos, source.pos, atol=1e-8)  # an xTB-sampled geometry ...
+        assert source.level_of_theory == "GFN2-xTB" and rec.level_of_theory == "PBE/sto-3g"
+        energy, forces = dft_labels(rec.z, rec.pos, settings=DFTSettings(basis="sto-3g", density_fit=False))
+        np.testing.assert_allclose(rec.forces, forces, atol=1e-6)  # ... with DFT labels
+    assert sorted(f"{r.energy:.6f}" for r in read_all(root / "val.extxyz") + read_all(root / "test.extxyz")) == \
+        sorted(f"{w.energy:.6f}" for w in water)  # the held-out frames keep their own labels
+    assert json.loads((root / "split.json").read_text())["dft_pool"]["n"] == 2
+    # a pool and a dft_pool at once, or a dft_pool without held-out frames, are refused
+    for bad in (dict(target, pool=[str(held)]), {k: v for k, v in target.items() if k != "heldout"}):
+        with pytest.raises(ConfigError, match="targets.water"):
+            load_study_config(_write(tmp_path, _config(tmp_path, targets={"water": bad})))
+
+
+def _water_frames(tmp_path):
+    """Three water frames with made-up labels, as the held-out reference of a dft_pool target."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from forcecentric.data.label import write_extxyz
+
+    atoms = []
+    for i in range(3):
+        a = Atoms("OH2", positions=[[0, 0, 0.12], [0, 0.76 + 0.01 * i, -0.47], [0, -0.76, -0.47]])
+        a.calc = SinglePointCalculator(a, energy=-2000.0 - i, forces=np.full((3, 3), 0.1 * i))
+        atoms.append(a)
+    return write_extxyz(tmp_path / "water_frames.extxyz", atoms)
+
+
 def test_a_continued_pretraining_waits_for_its_parent_and_starts_from_it(tmp_path):
     """An ablation with 'from: NAME' trains on from NAME's pre-trained model: planned with that
     model as its init_from, started only once it exists, even when listed (and run) together."""
@@ -569,6 +619,23 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert ft["init_from"].endswith("pretrain/unseen/full/model.ckpt")
     again = run_study(cfg, phase="finetune", workers=2, progress=False)
     assert again["finetune"] == []  # nothing left to run
+    # a new checkout without the run folders: the report keeps every measured row and pre-training
+    # entry from the earlier report, and a run folder that is there replaces its row
+    import shutil
+
+    keep = tmp_path / "study" / "finetune" / "aspirin" / "unseen" / "full"
+    metrics = json.loads((keep / "n10_seed0" / "metrics.json").read_text())
+    metrics["test"]["force_mae"] = 1.234
+    (keep / "n10_seed0" / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(tmp_path / "study" / "pretrain")
+    for run in (tmp_path / "study" / "finetune").glob("*/*/*"):
+        if run != keep:
+            shutil.rmtree(run)
+    run_study(cfg, phase="report", progress=False)
+    after = json.loads((tmp_path / "study.json").read_text())
+    assert [r for r in after if r["model"] != "full"] == [r for r in rows if r["model"] != "full"]
+    assert [r["force_mae"] for r in after if r["model"] == "full"] == [1234.0]
+    assert json.loads((tmp_path / "study_summary.json").read_text())["pretrain"] == summary["pretrain"]
 
 
 def test_sigterm_stops_the_workers_too(tmp_path):

@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import Field
 
 from .config import RunConfig, _Strict, apply_overrides, load_yaml, preset_path, validate
+from .data.conformation import matches
 from .errors import ConfigError, DataError
 
 log = logging.getLogger("forcecentric")
@@ -52,11 +53,26 @@ CONTINUES = "from"  # an ablation's key: the unseen pre-training whose model it 
 POOLS = "pools"  # an ablation's key: targets whose training pools join its corpus (target_in_pretraining)
 
 
+class DFTPoolConfig(_Strict):
+    """A target's training pool made by the study: xTB-sampled frames with DFT labels."""
+
+    n: int = Field(gt=0, description="frames drawn at random from the target's GFN2-xTB frames and labelled")
+    seed: int = 0
+    xc: str = "pbe"
+    basis: str = "def2-svp"
+    density_fit: bool = True
+
+
 class TargetConfig(_Strict):
     """A held-out target molecule: where its frames come from and how they are split."""
 
     smiles: str | None = Field(None, description="SMILES for GFN2-xTB pre-training frames (setting b)")
-    pool: list[str] = Field(description="files the training frames are drawn from")
+    pool: list[str] = Field(default_factory=list, description="files the training frames are drawn from")
+    dft_pool: DFTPoolConfig | None = Field(
+        None,
+        description="in place of pool: n of the study's own GFN2-xTB frames of this target's SMILES (the "
+        "target_xtb frames), labelled with DFT (PySCF): the sample-with-xTB, label-a-few workflow",
+    )
     heldout: list[str] = Field(
         default_factory=list,
         description="files validation and test frames are drawn from (empty: carved out of pool)",
@@ -186,6 +202,14 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
     if DEFAULT_FT in cfg.finetune.variants:
         raise ConfigError(f"finetune.variants: {DEFAULT_FT!r} is the name of the plain fine-tuning settings; "
                           "give the variant another name")
+    xtb_smiles = {smiles for _, smiles in _xtb_targets(cfg)}
+    for t, tc in cfg.targets.items():
+        if bool(tc.pool) == (tc.dft_pool is not None):
+            raise ConfigError(f"targets.{t}: give either pool (files) or dft_pool (xTB frames labelled with DFT)")
+        if tc.dft_pool is not None and (tc.smiles not in xtb_smiles or tc.heldout == []):
+            raise ConfigError(f"targets.{t}.dft_pool draws from the study's GFN2-xTB frames of its smiles, and "
+                              f"validates and tests on held-out files: it needs a smiles that a "
+                              f"target_in_pretraining target shares ({sorted(xtb_smiles)}) and a heldout list")
     if "target_in_pretraining" in cfg.pretrain.settings:
         missing = [t for t, tc in cfg.targets.items()
                    if tc.finetune and "target_in_pretraining" in tc.settings and not tc.smiles]
@@ -388,17 +412,30 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
     from .train.datamodule import resolve_path
 
     report: dict[str, Any] = {}
+    # first the targets' xTB frames: a dft_pool target's training frames are drawn from them
+    molecules = _xtb_targets(cfg)
+    if molecules:
+        from .data.label import label_to_shards
+
+        settings = dict(cfg.target_xtb)
+        report["xtb"] = label_to_shards(molecules, xtb_dir(cfg), molecules_per_shard=1,
+                                        n_workers=workers, progress=progress, **settings)
+        n = sum(len(read_all(p)) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")))
+        report["xtb"]["n_frames"] = n
     for target, tc in cfg.targets.items():
         tdir = _target_dir(cfg, target)
         files = {k: tdir / f"{k}.extxyz" for k in ("pool", "val", "test")}
         if all(p.is_file() for p in files.values()):
             report[target] = json.loads((tdir / "split.json").read_text())
             continue
-        pool = [r for spec in tc.pool for r in read_all(resolve_path(spec)) if _selected(r, tc.select)]
+        pool_files = tc.pool
+        if tc.dft_pool is not None:
+            pool_files = [str(_dft_pool(cfg, target, tc, progress))]
+        pool = [r for spec in pool_files for r in read_all(resolve_path(spec)) if matches(r, tc.select)]
         if not pool:
             raise DataError(f"target {target!r}: no frame of its pool matches select {tc.select}", file=str(tc.pool))
         if tc.heldout:
-            held = [r for spec in tc.heldout for r in read_all(resolve_path(spec)) if _selected(r, tc.select)]
+            held = [r for spec in tc.heldout for r in read_all(resolve_path(spec)) if matches(r, tc.select)]
         else:
             held, pool = _carve(pool, tc.n_val + tc.n_test, seed=12345)
         if len(held) < tc.n_val + tc.n_test:
@@ -422,8 +459,8 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
         _write_frames(files["test"], test)
         _write_frames(files["pool"], pool)
         info = {"pool": len(pool), "val": len(val), "test": len(test),
-                "pool_files": tc.pool, "heldout_files": tc.heldout or tc.pool, "kind": tc.kind,
-                "relabel": tc.relabel}
+                "pool_files": pool_files, "heldout_files": tc.heldout or tc.pool, "kind": tc.kind,
+                "relabel": tc.relabel, "dft_pool": tc.dft_pool.model_dump() if tc.dft_pool else None}
         (tdir / "split.json").write_text(json.dumps(info, indent=2))
         report[target] = info
     for target in _pooled_targets(cfg):
@@ -434,22 +471,23 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
                 r.source = f"{target}-pool"
             _write_frames(path, records)
         report.setdefault("pools", {})[target] = str(path)
-    molecules = _xtb_targets(cfg)
-    if molecules:
-        from .data.label import label_to_shards
-
-        settings = dict(cfg.target_xtb)
-        report["xtb"] = label_to_shards(molecules, xtb_dir(cfg), molecules_per_shard=1,
-                                        n_workers=workers, progress=progress, **settings)
-        n = sum(len(read_all(p)) for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")))
-        report["xtb"]["n_frames"] = n
     return report
 
 
-def _selected(record, select: dict[str, str]) -> bool:
-    """Whether a record matches a target's ``select`` (every key: an info value, mol_id or source)."""
-    return all(str(getattr(record, k) if k in ("mol_id", "source") else record.info.get(k)) == str(v)
-               for k, v in select.items())
+def _dft_pool(cfg: StudyConfig, target: str, tc: TargetConfig, progress: bool) -> Path:
+    """A dft_pool target's training frames: ``n`` of its SMILES's xTB frames with DFT labels
+    (``forcecentric relabel``; resumable, and made once)."""
+    from .data.dft import DFTSettings
+    from .data.relabel import relabel_file
+
+    path = _target_dir(cfg, target) / "relabelled_pool.extxyz"
+    if not path.is_file():
+        spec = tc.dft_pool
+        shards = sorted(xtb_dir(cfg).glob("shard-*.extxyz"))
+        relabel_file(shards, path, "dft", n=spec.n, seed=spec.seed, select={"smiles": tc.smiles},
+                     dft=DFTSettings(xc=spec.xc, basis=spec.basis, density_fit=spec.density_fit),
+                     progress=progress)
+    return path
 
 
 def _carve(records: list, n: int, seed: int) -> tuple[list, list]:
@@ -565,11 +603,33 @@ def _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar) -
 
 
 # ------------------------------------------------------------------------------- report
-def collect(cfg: StudyConfig) -> list[dict[str, Any]]:
-    """One row per finished fine-tuning run (test-set errors in meV/A and meV)."""
+def _key(d: dict[str, Any], job: Job) -> tuple:
+    return tuple(str(d.get(k)) for k in job.key)
+
+
+def _recorded(path: Path, what: str) -> list[dict[str, Any]]:
+    """The rows an earlier report wrote to ``path`` (none if it does not exist)."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return data if what == "rows" else data.get(what, [])
+
+
+def collect(cfg: StudyConfig, recorded: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per finished fine-tuning run (test-set errors in meV/A and meV).
+
+    A planned run whose folder is not here (a new checkout, another machine) keeps its row from
+    ``recorded``, the rows of an earlier report, so that a report never drops measured results;
+    a run folder that is here replaces its recorded row.
+    """
     rows = []
+    kept = 0
     for job in finetune_jobs(cfg):
         if not job.done:
+            old = [r for r in recorded or [] if _key(r, job) == _key(job.key, job)]
+            if old:
+                rows.append(old[-1])
+                kept += 1
             continue
         m = json.loads((job.run_dir / "metrics.json").read_text())
         test = m["test"]
@@ -586,6 +646,8 @@ def collect(cfg: StudyConfig) -> list[dict[str, Any]]:
         run_cfg = job.run_dir / "config.yaml"
         row["accelerator"] = (load_yaml(run_cfg).get("trainer") or {}).get("accelerator") if run_cfg.is_file() else None
         rows.append(row)
+    if kept:
+        log.info("%d of %d rows come from the earlier report (their run folders are not here)", kept, len(rows))
     return rows
 
 
@@ -736,15 +798,18 @@ def report(cfg: StudyConfig, wall: dict[str, float] | None = None) -> dict[str, 
     from .plots import study_bars, study_learning_curves
     from .provenance import machine_info, versions
 
-    rows = collect(cfg)
+    results = Path(cfg.results)
+    summary_file = results.with_name(results.stem + "_summary.json")
+    rows = collect(cfg, _recorded(results, "rows"))
     if not rows:
         raise ConfigError(f"no finished fine-tuning runs under {cfg.out!r}: run the study first")
     summary = summarize(rows)
     write_json(rows, cfg.results)
     tuned = tuned_summary(rows)
     meta = {"machine": machine_info("cpu"), "versions": versions(), "config": cfg.model_dump(mode="json"),
-            "pretrain": _pretrain_summary(cfg), "wall_time_s": wall or {}, "summary": summary, "tuned": tuned}
-    write_json(meta, Path(cfg.results).with_name(Path(cfg.results).stem + "_summary.json"))
+            "pretrain": _pretrain_summary(cfg, _recorded(summary_file, "pretrain")), "wall_time_s": wall or {},
+            "summary": summary, "tuned": tuned}
+    write_json(meta, summary_file)
     figs = Path(cfg.figures)
     figs.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -778,10 +843,13 @@ def pretrain_table(pretrain: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pretrain_summary(cfg: StudyConfig) -> list[dict[str, Any]]:
+def _pretrain_summary(cfg: StudyConfig, recorded: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The finished pre-trainings' metrics; one whose folder is not here keeps its ``recorded`` entry."""
     out = []
     for job in pretrain_jobs(cfg):
-        if job.done:
+        if not job.done:
+            out.extend([r for r in recorded or [] if _key(r, job) == _key(job.key, job)][-1:])
+        else:
             m = json.loads((job.run_dir / "metrics.json").read_text())
             out.append({**job.key, "val_force_mae": 1000.0 * m["val"]["force_mae"], "epochs": m["epochs"],
                         "steps": m["global_steps"], "wall_s": m["wall_time_s"], "train_size": m["train_size"]})
