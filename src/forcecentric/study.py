@@ -433,7 +433,7 @@ def prepare(cfg: StudyConfig, workers: int = 2, progress: bool = True) -> dict[s
             pool_files = [str(_dft_pool(cfg, target, tc, progress))]
         pool = [r for spec in pool_files for r in read_all(resolve_path(spec)) if matches(r, tc.select)]
         if not pool:
-            raise DataError(f"target {target!r}: no frame of its pool matches select {tc.select}", file=str(tc.pool))
+            raise DataError(f"target {target!r}: no frame of its pool matches select {tc.select}", file=str(pool_files))
         if tc.heldout:
             held = [r for spec in tc.heldout for r in read_all(resolve_path(spec)) if matches(r, tc.select)]
         else:
