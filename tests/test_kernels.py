@@ -230,6 +230,7 @@ def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model():
     assert len(f_fused) == 3 and f_fused[2].shape == (14, 3)
 
 
+@pytest.mark.slow  # compiles the extension once more from scratch (1-2 min); CI runs it with -m slow
 def test_a_build_killed_midway_does_not_leave_later_processes_waiting(tmp_path):
     """cpp_extension guards its build with a plain lock file and waits for it without a limit; a
     build killed midway left it behind and every later process hung. Such a leftover is found
