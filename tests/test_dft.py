@@ -189,6 +189,8 @@ def test_relabel_command_selects_and_labels_with_xtb(tmp_path):
     assert main(["relabel", str(path), "--out", str(tmp_path / "none.extxyz"), "--method", "xtb",
                  "--select", "kind=none", "--no-progress"]) != 0
     assert main(["relabel", str(path), "--out", str(tmp_path / "x.extxyz"), "--select", "kind"]) != 0
+    with pytest.raises(DataError, match=r"--n 4, but the inputs hold 3 frames matching select"):
+        relabel_file([path], tmp_path / "y.extxyz", "xtb", n=4, select={"kind": "odd"}, progress=False)
 
 
 def test_integer_metadata_survives_a_write_and_a_read(tmp_path):

@@ -160,7 +160,8 @@ def relabel_file(
         raise DataError(f"no frame matches select {select}", file=", ".join(map(str, inputs)))
     if n is not None:
         if not 0 < n <= len(frames):
-            raise ValueError(f"n = {n}, but the inputs hold {len(frames)} frames")
+            raise DataError(f"--n {n}, but the inputs hold {len(frames)} frames"
+                            + (f" matching select {select}" if select else ""), file=", ".join(map(str, inputs)))
         chosen = sorted(np.random.default_rng(seed).choice(len(frames), size=n, replace=False).tolist())
     else:
         chosen = list(range(len(frames)))
