@@ -603,8 +603,10 @@ def _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar) -
 
 
 # ------------------------------------------------------------------------------- report
-def _key(d: dict[str, Any], job: Job) -> tuple:
-    return tuple(str(d.get(k)) for k in job.key)
+def _recorded_entry(job: Job, recorded: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The last entry of ``recorded`` (an earlier report's rows) with ``job``'s key, or None."""
+    found = [r for r in recorded or [] if all(str(r.get(k)) == str(v) for k, v in job.key.items())]
+    return found[-1] if found else None
 
 
 def _recorded(path: Path, what: str) -> list[dict[str, Any]]:
@@ -626,9 +628,9 @@ def collect(cfg: StudyConfig, recorded: list[dict[str, Any]] | None = None) -> l
     kept = 0
     for job in finetune_jobs(cfg):
         if not job.done:
-            old = [r for r in recorded or [] if _key(r, job) == _key(job.key, job)]
-            if old:
-                rows.append(old[-1])
+            old = _recorded_entry(job, recorded)
+            if old is not None:
+                rows.append(old)
                 kept += 1
             continue
         m = json.loads((job.run_dir / "metrics.json").read_text())
@@ -848,7 +850,9 @@ def _pretrain_summary(cfg: StudyConfig, recorded: list[dict[str, Any]] | None = 
     out = []
     for job in pretrain_jobs(cfg):
         if not job.done:
-            out.extend([r for r in recorded or [] if _key(r, job) == _key(job.key, job)][-1:])
+            old = _recorded_entry(job, recorded)
+            if old is not None:
+                out.append(old)
         else:
             m = json.loads((job.run_dir / "metrics.json").read_text())
             out.append({**job.key, "val_force_mae": 1000.0 * m["val"]["force_mae"], "epochs": m["epochs"],

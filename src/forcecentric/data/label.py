@@ -213,7 +213,6 @@ def _fresh_labels(atoms: Atoms, accuracy: float = 1.0) -> tuple[float, np.ndarra
     return float(work.get_potential_energy()), work.get_forces(apply_constraint=False)
 
 
-@_one_openmp_thread
 def relabel_xtb(records: Sequence, accuracy: float = 1.0, *, file: str | None = None) -> list:
     """The same geometries with GFN2-xTB energies and forces in place of their own labels.
 

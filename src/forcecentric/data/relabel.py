@@ -10,6 +10,7 @@ and the output file appears, whole, only once every frame is labelled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -89,9 +90,10 @@ def relabel(records: Sequence, method: str = "xtb", *, dft: DFTSettings | None =
     label, lot = labeller(method, dft=dft, xtb_accuracy=xtb_accuracy)
     records = list(records)
     out = []
-    for i, rec in enumerate(_progress(records, progress, f"relabel ({lot})")):
-        energy, forces = label(rec, file, i)
-        out.append(_relabelled(rec, energy, forces, lot))
+    with _threads(method, None):
+        for i, rec in enumerate(_progress(records, progress, f"relabel ({lot})")):
+            energy, forces = label(rec, file, i)
+            out.append(_relabelled(rec, energy, forces, lot))
     return out
 
 
@@ -210,26 +212,15 @@ def relabel_file(
             "seconds_per_frame_median": float(np.median(seconds)) if seconds else None}
 
 
-class _threads:
-    """OpenMP threads for the labelling: ``threads`` for DFT (PySCF), one for GFN2-xTB."""
-
-    def __init__(self, method: str, threads: int | None):
-        self.method, self.threads, self.ctx = method, threads, None
-
-    def __enter__(self):
+def _threads(method: str, threads: int | None):
+    """OpenMP threads while labelling: one for GFN2-xTB (tblite gains nothing from more and its
+    threads spin-wait on shared cores), ``threads`` for DFT (PySCF; None leaves its default)."""
+    if method == "xtb":
         from threadpoolctl import threadpool_limits
 
-        if self.method == "xtb":
-            self.ctx = threadpool_limits(1, user_api="openmp")
-            self.ctx.__enter__()
-        elif self.threads is not None:
-            from pyscf import lib
+        return threadpool_limits(1, user_api="openmp")
+    if threads is not None:
+        from pyscf import lib
 
-            self.ctx = lib.with_omp_threads(self.threads)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-        return False
+        return lib.with_omp_threads(threads)
+    return contextlib.nullcontext()
