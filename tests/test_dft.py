@@ -206,3 +206,68 @@ def test_integer_metadata_survives_a_write_and_a_read(tmp_path):
     info = read_all(tmp_path / "h2.extxyz")[0].info
     assert info == {"frame": 12, "step": 3, "weight": 0.5, "tag": "x", "flag": True}
     assert type(info["frame"]) is int and type(info["flag"]) is bool
+
+
+def _water(positions=WATER) -> Atoms:
+    atoms = Atoms(numbers=WATER_Z, positions=positions)
+    atoms.info.update(mol_id="water", smiles="O", charge=0)
+    return atoms
+
+
+def test_a_dft_minimum_and_its_normal_modes_match_pyscfs_analytic_hessian():
+    """The labeller's steps at DFT level: BFGS through the PySCF calculator reaches the DFT minimum
+    (record labelled with the DFT level), and the finite-difference Hessian of ASE's Vibrations gives
+    the frequencies of PySCF's own analytic Hessian."""
+    from ase import units
+
+    from forcecentric.data.label import normal_modes, optimize_minimum
+
+    minimum = optimize_minimum(_water(), fmax=0.005, dft=FAST)
+    assert minimum.info["level_of_theory"] == "PBE/sto-3g" and minimum.info["equilibrium"]
+    _, forces = dft_labels(WATER_Z, minimum.positions, settings=FAST)
+    assert np.linalg.norm(forces, axis=1).max() < 0.005
+    assert minimum.get_forces() == pytest.approx(forces, abs=1e-6)  # the record's labels are DFT's
+    # PBE/STO-3G stretches the O-H bond far beyond GFN2-xTB's 0.96 A: the optimizer ran at DFT level
+    assert minimum.get_distance(0, 1) == pytest.approx(minimum.get_distance(0, 2), abs=1e-3)
+    assert minimum.get_distance(0, 1) > 1.0
+
+    modes, mu, eig = normal_modes(minimum, dft=FAST)
+    assert modes.shape == (3, 3, 3) and np.all(eig > 0)
+    s = units._hbar * 1e10 / np.sqrt(units._e * units._amu)  # sqrt(eV/(A^2 amu)) -> eV
+    ours = np.sqrt(eig) * s / units.invcm
+
+    from pyscf import dft, gto
+    from pyscf.hessian import thermo
+
+    mol = gto.M(atom=[(8, tuple(p)) if i == 0 else (1, tuple(p)) for i, p in enumerate(minimum.positions)],
+                basis="sto-3g", verbose=0)
+    mf = dft.RKS(mol)
+    mf.xc = "pbe"
+    mf.kernel()
+    freqs = thermo.harmonic_analysis(mol, mf.Hessian().kernel())["freq_wavenumber"]
+    assert np.sort(ours) == pytest.approx(np.sort(np.real(freqs)), abs=15.0)
+
+
+def test_label_command_at_dft_level_samples_around_the_dft_minimum(tmp_path):
+    """``forcecentric label --level dft``: minima and normal-mode samples with DFT labels that are the
+    DFT energies and forces of their own geometries, and a resume stamp naming the DFT level."""
+    from forcecentric.cli import main
+
+    smiles = tmp_path / "water.smi"
+    smiles.write_text("O water\n")
+    out = tmp_path / "labels"
+    rc = main(["label", str(smiles), "--out", str(out), "--level", "dft", "--basis", "sto-3g",
+               "--no-density-fit", "--conformers", "1", "--md-frames", "0", "--nm-temperatures", "300",
+               "--nm-samples", "2", "--workers", "1", "--no-progress"])
+    assert rc == 0
+    records = read_all(out / "shard-00000.extxyz")
+    assert [r.info["sampling"] for r in records] == ["minimum", "normal_mode", "normal_mode"]
+    assert {r.level_of_theory for r in records} == {"PBE/sto-3g"}
+    for r in records[1:]:
+        energy, forces = dft_labels(r.z, r.pos, settings=FAST)
+        assert r.energy == pytest.approx(energy, abs=1e-6)
+        assert r.forces == pytest.approx(forces, abs=1e-6)
+        assert np.abs(r.pos - records[0].pos).max() > 1e-3  # displaced from the minimum
+    stamp = json.loads((out / "label_settings.json").read_text())
+    assert stamp["method"] == "PBE/sto-3g" and stamp["settings"]["dft"]["basis"] == "sto-3g"
+    assert stamp["program"].startswith("pyscf")

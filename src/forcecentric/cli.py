@@ -225,31 +225,48 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _dft_settings(args):
+    """The DFT settings of the command's --xc, --basis, ... options (see _add_dft_options)."""
+    from .data.dft import DFTSettings
+
+    return DFTSettings(xc=args.xc, basis=args.basis, density_fit=not args.no_density_fit,
+                       grid_level=args.grid_level, conv_tol=args.conv_tol, max_cycle=args.max_cycle,
+                       max_memory_mb=args.max_memory)
+
+
+def _add_dft_options(sp) -> None:
+    sp.add_argument("--xc", default="pbe", help="DFT functional (a PySCF name: pbe, b3lyp, wb97x, ...)")
+    sp.add_argument("--basis", default="def2-svp", help="DFT basis set (a PySCF name)")
+    sp.add_argument("--no-density-fit", action="store_true", help="exact integrals instead of density fitting (slower)")
+    sp.add_argument("--grid-level", type=int, default=3, help="DFT integration grid level (PySCF, 0-9)")
+    sp.add_argument("--conv-tol", type=float, default=1e-9, help="SCF energy convergence (Hartree)")
+    sp.add_argument("--max-cycle", type=int, default=100, help="SCF iterations before a frame fails")
+    sp.add_argument("--max-memory", type=int, default=4000, help="PySCF memory limit (MB)")
+
+
 def cmd_label(args) -> int:
     from .data.label import label_to_shards, read_molecules
 
     molecules = []
     for path in args.inputs:
         molecules.extend(read_molecules(path))
+    extra = {"dft": _dft_settings(args)} if args.level == "dft" else {}
     report = label_to_shards(
         molecules, args.out, molecules_per_shard=args.shard_molecules, n_workers=args.workers,
         progress=not args.no_progress, n_conformers=args.conformers, md_frames_per_T=args.md_frames,
         temperatures=tuple(args.md_temperatures), n_normal_mode=args.nm_samples,
         normal_mode_temperatures=tuple(args.nm_temperatures), seed=args.seed,
         equilibration_steps=args.md_equilibration, interval_steps=args.md_interval,
-        timestep_fs=args.timestep, max_force=args.max_force,
+        timestep_fs=args.timestep, max_force=args.max_force, **extra,
     )
     print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_relabel(args) -> int:
-    from .data.dft import DFTSettings
     from .data.relabel import relabel_file
 
-    dft = DFTSettings(xc=args.xc, basis=args.basis, density_fit=not args.no_density_fit,
-                      grid_level=args.grid_level, conv_tol=args.conv_tol, max_cycle=args.max_cycle,
-                      max_memory_mb=args.max_memory)
+    dft = _dft_settings(args)
     select = {}
     for item in args.select:
         key, sep, value = item.partition("=")
@@ -471,12 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=32)
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("label", help="GFN2-xTB labelled conformations of molecules (minima, MD, normal modes)",
+    sp = sub.add_parser("label", help="GFN2-xTB (or DFT) labelled conformations of molecules (minima, MD, normal modes)",
                         description="RDKit ETKDG conformers optimized with GFN2-xTB (tblite) into minima flagged "
                         "equilibrium, plus off-equilibrium frames from short GFN2-xTB Langevin MD at several "
                         "temperatures and from normal-mode sampling. Runs in parallel processes, writes "
                         "OUT/shard-NNNNN.extxyz atomically and resumes at the first missing shard; failed "
-                        "molecules go to OUT/failures.csv.", formatter_class=fmt)
+                        "molecules go to OUT/failures.csv. --level dft does the same at DFT level with PySCF "
+                        "(minima, Hessians and labels at the reference's own level; seconds per gradient, so keep "
+                        "--md-frames 0 unless ab initio MD is meant).", formatter_class=fmt)
     sp.add_argument("inputs", nargs="+", help="SMILES file (SMILES [name] per line), SDF, or structure files")
     sp.add_argument("--out", required=True, help="output folder for the labelled shards")
     sp.add_argument("--workers", type=int, default=2, help="worker processes")
@@ -490,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nm-temperatures", type=float, nargs="+", default=[300.0, 500.0], help="normal-mode sampling temperatures (K)")
     sp.add_argument("--nm-samples", type=int, default=2, help="normal-mode samples per temperature")
     sp.add_argument("--max-force", type=float, default=10.0, help="drop frames with a force component above this (eV/A)")
+    sp.add_argument("--level", choices=["xtb", "dft"], default="xtb",
+                    help="who drives the sampling and labels it: GFN2-xTB, or DFT with PySCF (the options below; "
+                    "seconds per gradient: minima and normal modes at the reference's own level, --md-frames 0)")
+    _add_dft_options(sp)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_label)
@@ -509,13 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
                     help="keep only frames with this info value (or mol_id, source, level_of_theory), e.g. "
                     "sampling=md; repeatable")
-    sp.add_argument("--xc", default="pbe", help="DFT functional (a PySCF name: pbe, b3lyp, wb97x, ...)")
-    sp.add_argument("--basis", default="def2-svp", help="DFT basis set (a PySCF name)")
-    sp.add_argument("--no-density-fit", action="store_true", help="exact integrals instead of density fitting (slower)")
-    sp.add_argument("--grid-level", type=int, default=3, help="DFT integration grid level (PySCF, 0-9)")
-    sp.add_argument("--conv-tol", type=float, default=1e-9, help="SCF energy convergence (Hartree)")
-    sp.add_argument("--max-cycle", type=int, default=100, help="SCF iterations before a frame fails")
-    sp.add_argument("--max-memory", type=int, default=4000, help="PySCF memory limit (MB)")
+    _add_dft_options(sp)
     sp.add_argument("--threads", type=int, default=None, help="DFT threads (default: all cores)")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_relabel)

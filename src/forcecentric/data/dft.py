@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from ase import units
+from ase.calculators.calculator import Calculator, all_changes
 
 from ..errors import DataError
 
-__all__ = ["DFTSettings", "dft_labels", "require_pyscf"]
+__all__ = ["DFTSettings", "PySCFCalculator", "dft_labels", "require_pyscf"]
 
 
 def require_pyscf():
@@ -146,3 +147,33 @@ def dft_labels(
         raise DataError(f"{settings.level_of_theory} gave a non-finite energy or force",
                         file=file, record=record)
     return energy, forces
+
+
+
+class PySCFCalculator(Calculator):
+    """An ASE calculator for :func:`dft_labels`: energy and forces from a fresh PySCF calculation.
+
+    It lets ASE's optimizers, vibrational analysis and dynamics run at the level of theory of a
+    user's reference data (:mod:`forcecentric.data.label` uses it for minima and Hessians at DFT
+    level: ``optimize_minimum(atoms, dft=DFTSettings())``). Every call starts from PySCF's initial
+    guess, so results depend on the geometry alone, not on the calculator's history.
+
+    Args:
+        settings: functional, basis and numerical settings.
+        charge: total charge (e).
+        multiplicity: spin multiplicity 2S + 1, or None for the lowest the electrons allow.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, settings: DFTSettings = DFTSettings(), charge: int = 0, multiplicity: int | None = None):
+        super().__init__()
+        self.settings = settings
+        self.charge = int(charge)
+        self.multiplicity = multiplicity
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        energy, forces = dft_labels(self.atoms.numbers, self.atoms.positions, self.charge, self.multiplicity,
+                                    self.settings)
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces}

@@ -13,7 +13,8 @@ The labeller turns ``(name, SMILES)`` pairs into labelled conformations, each an
 ``mol_id`` (str), ``smiles`` (str)
     Molecule name and the SMILES it was built from.
 ``level_of_theory`` (str)
-    Always ``"GFN2-xTB"``.
+    ``"GFN2-xTB"``, or the DFT level (e.g. ``"PBE/def2-SVP"``) when the functions below run at
+    DFT level with PySCF (their ``dft`` argument).
 ``charge`` (int)
     Total charge (sum of the SMILES formal charges).
 ``sampling`` (str)
@@ -39,6 +40,12 @@ each) and collects failures instead of stopping; :func:`write_extxyz` writes the
 atomically to an extended-XYZ file that ``ase.io.read(path, ":")`` reads back with energies,
 forces and info keys intact.
 
+Every step can also run at DFT level (``dft=DFTSettings(...)``, PySCF through
+:class:`~forcecentric.data.dft.PySCFCalculator`): a minimum and Hessian at the level of theory
+of a user's reference data, so that normal-mode samples sit around the reference's own minimum
+rather than GFN2-xTB's. A DFT gradient costs seconds per frame where GFN2-xTB costs
+milliseconds; DFT runs use all the threads OpenMP allows.
+
 Units: Å, eV, eV/Å, K, fs (see ``DESIGN.md`` §5). Randomness: every function takes a seed, and
 the per-molecule streams in :func:`label_molecules` depend only on ``(seed, name)``, so results
 do not depend on the order in which workers finish.
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -66,6 +74,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..errors import DataError
 from .conformation import closest_pair
+from .dft import DFTSettings
 
 __all__ = [
     "DEFAULT_SOURCE",
@@ -117,11 +126,14 @@ def _one_openmp_thread(func):
 
     GFN2-xTB on molecules of a few dozen atoms gains nothing from threads, and tblite's OpenMP
     threads spin-wait: when the cores are shared (parallel workers, other jobs) a threaded
-    run is 5-30x slower. The limit is lifted again when ``func`` returns.
+    run is 5-30x slower. The limit is lifted again when ``func`` returns. A call at DFT level
+    (``dft`` given) keeps its threads: PySCF's integrals and linear algebra use them well.
     """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if kwargs.get("dft") is not None:
+            return func(*args, **kwargs)
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:  # pragma: no cover - optional
@@ -163,10 +175,25 @@ def _bond_set(atoms: Atoms, mult: float) -> set[tuple[int, int]]:
     return {(int(i), int(j)) for i, j in zip(graph.row, graph.col) if i < j}
 
 
-def _check_finite(name: str, what: str, energy: float, forces: np.ndarray) -> None:
+def _level(dft: DFTSettings | None) -> str:
+    """The level of theory of a labelling step: GFN2-xTB, or the DFT settings' name."""
+    return LEVEL_OF_THEORY if dft is None else dft.level_of_theory
+
+
+def _calculator(charge: int, accuracy: float = 1.0, dft: DFTSettings | None = None):
+    """A fresh ASE calculator at the step's level: GFN2-xTB, or DFT (PySCF) when ``dft`` is given."""
+    if dft is None:
+        return xtb_calculator(charge, accuracy)
+    from .dft import PySCFCalculator, require_pyscf
+
+    require_pyscf()
+    return PySCFCalculator(dft, charge=charge)
+
+
+def _check_finite(name: str, what: str, energy: float, forces: np.ndarray, level: str = LEVEL_OF_THEORY) -> None:
     if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
         raise DataError(
-            f"molecule {name!r}: GFN2-xTB returned a non-finite energy or force for {what}"
+            f"molecule {name!r}: {level} returned a non-finite energy or force for {what}"
         )
 
 
@@ -179,20 +206,21 @@ def _record(
     sampling: str,
     temperature: float,
     source: str | None = None,
+    level_of_theory: str = LEVEL_OF_THEORY,
 ) -> Atoms:
     """A fresh labelled :class:`Atoms` (positions copied, labels in a SinglePointCalculator)."""
     if sampling not in SAMPLING_KINDS:
         raise ValueError(f"sampling must be one of {SAMPLING_KINDS}, got {sampling!r}")
     name = _name_of(atoms)
     forces = np.array(forces, dtype=float, copy=True)
-    _check_finite(name, f"a {sampling} frame", float(energy), forces)
+    _check_finite(name, f"a {sampling} frame", float(energy), forces, level_of_theory)
     out = Atoms(numbers=atoms.get_atomic_numbers(), positions=atoms.get_positions())
     out.info = {
         "equilibrium": bool(equilibrium),
         "source": str(source if source is not None else atoms.info.get("source", DEFAULT_SOURCE)),
         "mol_id": name,
         "smiles": str(atoms.info.get("smiles", "")),
-        "level_of_theory": LEVEL_OF_THEORY,
+        "level_of_theory": str(level_of_theory),
         "charge": int(atoms.info.get("charge", 0)),
         "sampling": sampling,
         "temperature_K": float(temperature),
@@ -201,15 +229,15 @@ def _record(
     return out
 
 
-def _fresh_labels(atoms: Atoms, accuracy: float = 1.0) -> tuple[float, np.ndarray]:
-    """GFN2-xTB energy and forces of ``atoms`` from a new calculator (SAD guess, no history).
+def _fresh_labels(atoms: Atoms, accuracy: float = 1.0, dft: DFTSettings | None = None) -> tuple[float, np.ndarray]:
+    """GFN2-xTB (or ``dft``) energy and forces of ``atoms`` from a new calculator (no history).
 
     Labels never come from the calculator that drove an optimization or a trajectory: its
     wavefunction restart makes results depend (slightly) on the path, and a constraint such as
     ``FixCom`` would alter the forces. A fresh call is reproducible from the geometry alone.
     """
     work = Atoms(numbers=atoms.get_atomic_numbers(), positions=atoms.get_positions())
-    work.calc = xtb_calculator(int(atoms.info.get("charge", 0)), accuracy)
+    work.calc = _calculator(int(atoms.info.get("charge", 0)), accuracy, dft)
     return float(work.get_potential_energy()), work.get_forces(apply_constraint=False)
 
 
@@ -333,8 +361,9 @@ def optimize_minimum(
     *,
     accuracy: float = 1.0,
     source: str | None = None,
+    dft: DFTSettings | None = None,
 ) -> Atoms:
-    """Minimize a conformer with GFN2-xTB (ASE BFGS) and return it labelled as a minimum.
+    """Minimize a conformer with GFN2-xTB, or DFT, (ASE BFGS) and return it labelled as a minimum.
 
     Args:
         atoms: A conformer from :func:`embed` (``info`` gives ``mol_id``, ``smiles``, ``charge``).
@@ -342,10 +371,12 @@ def optimize_minimum(
         steps: Maximum number of optimizer steps.
         accuracy: tblite accuracy (lower is tighter).
         source: ``info["source"]`` of the record.
+        dft: minimize at this DFT level (PySCF) instead of GFN2-xTB, e.g. to move a GFN2-xTB
+            minimum to the reference's own; each step costs a DFT gradient.
 
     Returns:
         A new labelled :class:`Atoms` with ``equilibrium=True``, ``sampling="minimum"``,
-        ``temperature_K=0.0``; its recorded forces are the (near-zero) GFN2-xTB forces.
+        ``temperature_K=0.0``; its recorded forces are the (near-zero) forces at that level.
 
     Raises:
         DataError: not converged within ``steps``, or the bond graph changed during the
@@ -354,27 +385,31 @@ def optimize_minimum(
     from ase.optimize import BFGS
 
     name = _name_of(atoms)
+    level = _level(dft)
     work = atoms.copy()
     work.info = dict(atoms.info)
     n_frag0 = _n_fragments(work, _BOND_MULT_MINIMUM)
     bonds0 = _bond_set(work, _BOND_MULT_MINIMUM)
-    work.calc = xtb_calculator(int(atoms.info.get("charge", 0)), accuracy)
+    work.calc = _calculator(int(atoms.info.get("charge", 0)), accuracy, dft)
     opt = BFGS(work, logfile=None)
     opt.run(fmax=fmax, steps=steps)
-    energy, forces = _fresh_labels(work, accuracy)
-    _check_finite(name, "a geometry optimization", energy, forces)
+    if dft is None:
+        energy, forces = _fresh_labels(work, accuracy)
+    else:  # a PySCF calculation has no history: its last result is already a fresh label
+        energy, forces = float(work.get_potential_energy()), work.get_forces(apply_constraint=False)
+    _check_finite(name, "a geometry optimization", energy, forces, level)
     fmax_reached = float(np.linalg.norm(forces, axis=1).max())
     if fmax_reached >= fmax and opt.nsteps < steps:
         # Converged with the restarted wavefunction but not quite from a fresh start
         # (differences ~1e-4 eV/Å): tighten a little within the remaining budget.
         opt.run(fmax=0.5 * fmax, steps=steps - opt.nsteps)
-        energy, forces = _fresh_labels(work, accuracy)
-        _check_finite(name, "a geometry optimization", energy, forces)
+        energy, forces = _fresh_labels(work, accuracy, dft)
+        _check_finite(name, "a geometry optimization", energy, forces, level)
         fmax_reached = float(np.linalg.norm(forces, axis=1).max())
     n_frag1 = _n_fragments(work, _BOND_MULT_MINIMUM)
     if n_frag1 > n_frag0:
         raise DataError(
-            f"molecule {name!r}: fragmented during GFN2-xTB optimization "
+            f"molecule {name!r}: fragmented during {level} optimization "
             f"({n_frag0} -> {n_frag1} covalently bonded fragments)"
         )
     bonds1 = _bond_set(work, _BOND_MULT_MINIMUM)
@@ -382,17 +417,16 @@ def optimize_minimum(
         broken = sorted(bonds0 - bonds1)
         formed = sorted(bonds1 - bonds0)
         raise DataError(
-            f"molecule {name!r}: bonds changed during GFN2-xTB optimization "
+            f"molecule {name!r}: bonds changed during {level} optimization "
             f"(broken {broken}, formed {formed}); the minimum is not the input molecule"
         )
     if fmax_reached >= fmax:
         raise DataError(
-            f"molecule {name!r}: GFN2-xTB optimization did not converge in {steps} steps "
+            f"molecule {name!r}: {level} optimization did not converge in {steps} steps "
             f"(max force {fmax_reached:.4f} eV/Å > fmax {fmax} eV/Å)"
         )
-    return _record(
-        work, energy, forces, equilibrium=True, sampling="minimum", temperature=0.0, source=source
-    )
+    return _record(work, energy, forces, equilibrium=True, sampling="minimum", temperature=0.0, source=source,
+                   level_of_theory=level)
 
 
 @_one_openmp_thread
@@ -408,8 +442,9 @@ def sample_md(
     friction_per_fs: float = 0.02,
     accuracy: float = 1.0,
     source: str | None = None,
+    dft: DFTSettings | None = None,
 ) -> list[Atoms]:
-    """Short GFN2-xTB Langevin MD from a minimum; keep labelled frames at a fixed interval.
+    """Short GFN2-xTB (or DFT) Langevin MD from a minimum; keep labelled frames at a fixed interval.
 
     For each temperature: Maxwell–Boltzmann velocities at ``T`` (no net momentum or rotation),
     ``equilibration_steps`` discarded, then ``n_frames`` frames kept every ``interval_steps``.
@@ -425,6 +460,7 @@ def sample_md(
         friction_per_fs: Langevin friction in 1/fs.
         accuracy: tblite accuracy.
         source: ``info["source"]`` of the records.
+        dft: run the dynamics at this DFT level (ab initio MD, a DFT gradient per step).
 
     Returns:
         Labelled frames with ``equilibrium=False``, ``sampling="md"``, ``temperature_K=T``.
@@ -449,7 +485,7 @@ def sample_md(
         rng = _rng(child)
         atoms = Atoms(numbers=minimum.get_atomic_numbers(), positions=minimum.get_positions())
         atoms.info = {k: v for k, v in minimum.info.items() if k in ("mol_id", "smiles", "charge")}
-        atoms.calc = xtb_calculator(int(minimum.info.get("charge", 0)), accuracy)
+        atoms.calc = _calculator(int(minimum.info.get("charge", 0)), accuracy, dft)
         atoms.set_constraint(FixCom())  # no centre-of-mass drift (ASE's recommended form)
         thermalize(atoms, temperature_K=float(T), rng=rng)
         Stationary(atoms)
@@ -467,7 +503,7 @@ def sample_md(
             dyn.run(equilibration_steps)
         for _ in range(n_frames):
             dyn.run(interval_steps)
-            energy, forces = _fresh_labels(atoms, accuracy)
+            energy, forces = _fresh_labels(atoms, accuracy, dft)
             frames.append(
                 _record(
                     atoms,
@@ -477,6 +513,7 @@ def sample_md(
                     sampling="md",
                     temperature=float(T),
                     source=source,
+                    level_of_theory=_level(dft),
                 )
             )
     return frames
@@ -505,13 +542,13 @@ def _rigid_basis(positions: np.ndarray, masses: np.ndarray) -> np.ndarray:
 
 @_one_openmp_thread
 def normal_modes(
-    minimum: Atoms, *, delta: float = 0.01, accuracy: float = 1.0
+    minimum: Atoms, *, delta: float = 0.01, accuracy: float = 1.0, dft: DFTSettings | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Vibrational normal modes of a minimum from the GFN2-xTB Hessian (ASE ``Vibrations``).
+    """Vibrational normal modes of a minimum from the GFN2-xTB (or ``dft``) Hessian (ASE ``Vibrations``).
 
     The Hessian (central differences, step ``delta`` Å) is mass-weighted, the 6 (5 if linear)
     rigid translations and rotations are projected out exactly, and the remaining block is
-    diagonalized.
+    diagonalized. At DFT level (``dft``) the Hessian costs 6N DFT gradients.
 
     Returns:
         ``(modes, reduced_masses, eigenvalues)``: Cartesian unit displacement vectors
@@ -521,7 +558,7 @@ def normal_modes(
     from ase.vibrations import Vibrations
 
     work = Atoms(numbers=minimum.get_atomic_numbers(), positions=minimum.get_positions())
-    work.calc = xtb_calculator(int(minimum.info.get("charge", 0)), accuracy)
+    work.calc = _calculator(int(minimum.info.get("charge", 0)), accuracy, dft)
     with tempfile.TemporaryDirectory(prefix="fc-vib-") as tmp:
         vib = Vibrations(work, name=str(Path(tmp) / "vib"), delta=delta, nfree=2)
         vib.run()
@@ -554,6 +591,7 @@ def sample_normal_modes(
     modes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     accuracy: float = 1.0,
     source: str | None = None,
+    dft: DFTSettings | None = None,
 ) -> list[Atoms]:
     """Normal-mode sampling at a temperature, as in ANI-1 (Smith et al., Chem. Sci. 2017).
 
@@ -566,14 +604,18 @@ def sample_normal_modes(
     modes) are raised to it, which caps their otherwise unbounded amplitudes.
 
     Args:
-        minimum: A GFN2-xTB minimum (from :func:`optimize_minimum`).
+        minimum: A minimum (from :func:`optimize_minimum`).
         n_samples: Number of displaced geometries.
         temperature: Temperature in K.
         seed: Random seed.
         min_wavenumber: Frequency floor in cm⁻¹ used for the amplitudes.
-        modes: Precomputed :func:`normal_modes` output (saves a Hessian).
+        modes: Precomputed :func:`normal_modes` output (saves a Hessian); it may come from
+            another level than the labels, e.g. a DFT Hessian with cheap GFN2-xTB labels that
+            ``forcecentric relabel`` replaces later.
         accuracy: tblite accuracy.
         source: ``info["source"]`` of the records.
+        dft: label the samples (and compute the Hessian, when ``modes`` is None) at this DFT
+            level instead of GFN2-xTB.
 
     Returns:
         Labelled frames with ``equilibrium=False``, ``sampling="normal_mode"``.
@@ -581,7 +623,7 @@ def sample_normal_modes(
     if n_samples <= 0:
         return []
     if modes is None:
-        modes = normal_modes(minimum, accuracy=accuracy)
+        modes = normal_modes(minimum, accuracy=accuracy, dft=dft)
     vecs, mu, eigvals = modes
     # ħω (eV) = s * sqrt(λ) with λ in eV/(Å² amu), as in ase.vibrations.VibrationsData.
     s = units._hbar * 1e10 / math.sqrt(units._e * units._amu)
@@ -601,7 +643,7 @@ def sample_normal_modes(
         sign = rng.choice((-1.0, 1.0), n_modes)
         amp = sign * np.sqrt(3.0 * c * n_atoms * kT / k_const)
         work.set_positions(x0 + np.tensordot(amp, vecs, axes=1))
-        energy, forces = _fresh_labels(work, accuracy)
+        energy, forces = _fresh_labels(work, accuracy, dft)
         frames.append(
             _record(
                 work,
@@ -611,6 +653,7 @@ def sample_normal_modes(
                 sampling="normal_mode",
                 temperature=float(temperature),
                 source=source,
+                level_of_theory=_level(dft),
             )
         )
     return frames
@@ -705,8 +748,9 @@ def label_molecule(
     accuracy: float = 1.0,
     source: str = DEFAULT_SOURCE,
     dropped: list[tuple[str, str, float, str]] | None = None,
+    dft: DFTSettings | None = None,
 ) -> list[Atoms]:
-    """Label one molecule: distinct GFN2-xTB minima, thermal MD frames, normal-mode samples.
+    """Label one molecule: distinct GFN2-xTB (or ``dft``) minima, thermal MD frames, normal-mode samples.
 
     ``n_embed`` ETKDG conformers (default ``3 * n_conformers``) are optimized in turn until
     ``n_conformers`` distinct minima are found (rigid molecules have one). Thermal samples are
@@ -733,7 +777,7 @@ def label_molecule(
         if len(minima) >= n_conformers:
             break
         try:
-            m = optimize_minimum(conf, fmax=fmax, steps=opt_steps, accuracy=accuracy, source=source)
+            m = optimize_minimum(conf, fmax=fmax, steps=opt_steps, accuracy=accuracy, source=source, dft=dft)
         except DataError as exc:
             problems.append(f"conformer {k}: {exc}")
             logger.warning("%s", exc)
@@ -742,7 +786,7 @@ def label_molecule(
             minima.append(m)
     if not minima:
         raise DataError(
-            f"molecule {name!r}: no conformer reached a valid GFN2-xTB minimum: "
+            f"molecule {name!r}: no conformer reached a valid {_level(dft)} minimum: "
             + "; ".join(problems)
         )
 
@@ -777,6 +821,7 @@ def label_molecule(
                         friction_per_fs=friction_per_fs,
                         accuracy=accuracy,
                         source=source,
+                        dft=dft,
                     )
                 )
 
@@ -787,7 +832,7 @@ def label_molecule(
             if not n:
                 continue
             if j not in mode_cache:
-                mode_cache[j] = normal_modes(minima[j], accuracy=accuracy)
+                mode_cache[j] = normal_modes(minima[j], accuracy=accuracy, dft=dft)
             records += keep(
                 sample_normal_modes(
                     minima[j],
@@ -798,6 +843,7 @@ def label_molecule(
                     modes=mode_cache[j],
                     accuracy=accuracy,
                     source=source,
+                    dft=dft,
                 )
             )
     return records
@@ -1095,14 +1141,17 @@ def label_to_shards(
     out.mkdir(parents=True, exist_ok=True)
     from importlib.metadata import version
 
+    dft = settings.get("dft")
+    level = _level(dft)
     record = {
-        "method": "GFN2-xTB",
-        "program": f"tblite {version('tblite')}",
-        "conformers": "RDKit ETKDGv3 (+ MMFF), minima optimized with GFN2-xTB",
+        "method": level,
+        "program": f"tblite {version('tblite')}" if dft is None else f"pyscf {version('pyscf')}",
+        "conformers": f"RDKit ETKDGv3 (+ MMFF), minima optimized with {level}",
         "molecules_per_shard": molecules_per_shard,
         "n_molecules": len(molecules),
         "molecules_sha": zlib.crc32("\n".join(f"{n} {s}" for n, s in molecules).encode()),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(settings.items())},
+        "settings": {k: (list(v) if isinstance(v, tuple) else dataclasses.asdict(v) if k == "dft" else v)
+                     for k, v in sorted(settings.items()) if not (k == "dft" and v is None)},
     }
     settings_file = out / "label_settings.json"
     if settings_file.is_file():
