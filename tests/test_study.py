@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -383,6 +384,55 @@ def test_a_dft_pool_target_trains_on_its_xtb_frames_with_dft_labels(tmp_path):
             load_study_config(_write(tmp_path, _config(tmp_path, targets={"water": bad})))
 
 
+def test_a_dft_sampler_pool_samples_normal_modes_around_the_dft_minimum(tmp_path):
+    """dft_pool with sampler: dft: the target's xTB minimum is optimized again at DFT level, its DFT
+    Hessian gives the modes, and n normal-mode samples around that minimum carry DFT labels; a rerun
+    reuses the minimum and the modes kept in dft_sampler/."""
+    pytest.importorskip("tblite")
+    pytest.importorskip("pyscf")
+    from ase.io import read
+
+    from forcecentric.data.dft import DFTSettings, dft_labels
+
+    held = _water_frames(tmp_path)
+    target = {"smiles": "O", "dft_pool": {"n": 3, "seed": 1, "sampler": "dft", "basis": "sto-3g",
+                                          "density_fit": False},
+              "heldout": [str(held)], "n_val": 1, "n_test": 2}
+    cfg_dict = _config(tmp_path, targets={"water": target},
+                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 1,
+                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0,
+                                   "normal_mode_temperatures": [300.0, 600.0]})
+    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    root = tmp_path / "study" / "targets" / "water"
+    settings = DFTSettings(basis="sto-3g", density_fit=False)
+    minimum = read(root / "dft_sampler" / "minimum-0.extxyz")
+    xtb_min = next(r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)
+                   if r.info["sampling"] == "minimum")
+    assert minimum.info["level_of_theory"] == "PBE/sto-3g"
+    assert np.linalg.norm(dft_labels([8, 1, 1], minimum.positions, settings=settings)[1], axis=1).max() < 0.01
+    assert minimum.get_distance(0, 1) - np.linalg.norm(xtb_min.pos[1] - xtb_min.pos[0]) > 0.03  # moved
+    pool = read_all(root / "pool.extxyz")
+    assert len(pool) == 3
+    assert sorted(r.info["temperature_K"] for r in pool) == [300.0, 300.0, 600.0]
+    for rec in pool:
+        assert rec.level_of_theory == "PBE/sto-3g" and rec.info["relabelled_from"] == "GFN2-xTB"
+        energy, forces = dft_labels(rec.z, rec.pos, settings=settings)
+        np.testing.assert_allclose(rec.forces, forces, atol=1e-6)
+        displacement = np.linalg.norm(rec.pos - minimum.positions, axis=1).max()
+        assert 1e-3 < displacement < 0.3  # a thermal sample around the DFT minimum
+    # a rerun of the sampler (its samples file gone) reuses the kept minimum and modes: same samples
+    first = [r.pos for r in read_all(root / "dft_sampler" / "samples_xtb_labels.extxyz")]
+    (root / "dft_sampler" / "samples_xtb_labels.extxyz").unlink()
+    stamp = (root / "dft_sampler" / "modes-0.npz").stat().st_mtime_ns
+    from forcecentric.study import _dft_normal_mode_frames
+
+    again = read_all(_dft_normal_mode_frames(cfg, "water", cfg.targets["water"], settings))
+    assert (root / "dft_sampler" / "modes-0.npz").stat().st_mtime_ns == stamp
+    np.testing.assert_allclose([r.pos for r in again], first, atol=1e-10)
+
+
 def _water_frames(tmp_path):
     """Three water frames with made-up labels, as the held-out reference of a dft_pool target."""
     from ase import Atoms
@@ -515,6 +565,20 @@ def test_finetune_before_prepare_is_refused(tmp_path):
     cfg = load_study_config(_write(tmp_path, _config(tmp_path)))
     with pytest.raises(ConfigError, match="prepare"):
         run_study(cfg, phase="finetune", progress=False)
+
+
+def test_finetune_needs_only_the_targets_it_runs_to_be_split(tmp_path):
+    """A new target not yet prepared (its DFT labels still running) does not block fine-tuning the
+    others with --only molecule=...; without that filter it is refused by name."""
+    cfg_dict = _config(tmp_path)
+    cfg_dict["targets"]["later"] = dict(cfg_dict["targets"]["aspirin"])
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    shutil.rmtree(tmp_path / "study" / "targets" / "later")
+    with pytest.raises(ConfigError, match=r"\['later'\] are not split"):
+        run_study(cfg, phase="finetune", progress=False)
+    out = run_study(cfg, phase="finetune", progress=False, filters={"molecule": ["aspirin"], "seed": ["7"]})
+    assert out["finetune"] == []  # past the check: no job has seed 7
 
 
 def test_a_size_changing_ablation_gets_a_same_size_scratch_twin(tmp_path):

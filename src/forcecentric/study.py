@@ -28,6 +28,7 @@ import multiprocessing as mp
 import shutil
 import signal
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,10 +55,21 @@ POOLS = "pools"  # an ablation's key: targets whose training pools join its corp
 
 
 class DFTPoolConfig(_Strict):
-    """A target's training pool made by the study: xTB-sampled frames with DFT labels."""
+    """A target's training pool made by the study: xTB-sampled frames with DFT labels, or normal-mode
+    samples around the DFT minimum (``sampler: dft``), labelled with DFT."""
 
     n: int = Field(gt=0, description="frames drawn at random from the target's GFN2-xTB frames and labelled")
     seed: int = 0
+    sampler: Literal["xtb", "dft"] = Field(
+        "xtb",
+        description="xtb: draw n of the study's GFN2-xTB frames; dft: re-optimize the target's GFN2-xTB minima "
+        "at this DFT level and draw n normal-mode samples from the DFT Hessian, at target_xtb's normal-mode "
+        "temperatures (the same sampler as the xTB normal-mode frames, around the reference's own minimum)",
+    )
+    select: dict[str, str] = Field(
+        default_factory=dict,
+        description="draw only from the xTB frames with these info values, e.g. {sampling: normal_mode}",
+    )
     xc: str = "pbe"
     basis: str = "def2-svp"
     density_fit: bool = True
@@ -483,11 +495,75 @@ def _dft_pool(cfg: StudyConfig, target: str, tc: TargetConfig, progress: bool) -
     path = _target_dir(cfg, target) / "relabelled_pool.extxyz"
     if not path.is_file():
         spec = tc.dft_pool
+        dft = DFTSettings(xc=spec.xc, basis=spec.basis, density_fit=spec.density_fit)
         shards = sorted(xtb_dir(cfg).glob("shard-*.extxyz"))
-        relabel_file(shards, path, "dft", n=spec.n, seed=spec.seed, select={"smiles": tc.smiles},
-                     dft=DFTSettings(xc=spec.xc, basis=spec.basis, density_fit=spec.density_fit),
-                     progress=progress)
+        n, select = spec.n, {**spec.select, "smiles": tc.smiles}
+        if spec.sampler == "dft":  # every sample (n were drawn; the outlier filter may have dropped some)
+            shards, n, select = [_dft_normal_mode_frames(cfg, target, tc, dft)], None, {}
+        relabel_file(shards, path, "dft", n=n, seed=spec.seed, select=select, dft=dft, progress=progress)
     return path
+
+
+def _dft_normal_mode_frames(cfg: StudyConfig, target: str, tc: TargetConfig, dft) -> Path:
+    """``sampler: dft``: normal-mode samples around the target's minima re-optimized at DFT level.
+
+    Each of the target's GFN2-xTB minima is optimized again with ``dft`` and its Hessian computed at
+    that level (6N DFT gradients); ``n`` samples are then drawn from those modes at target_xtb's
+    normal-mode temperatures, split over minima and temperatures as the labeller splits them. The
+    samples carry cheap GFN2-xTB labels here (for the labeller's outlier filter); :func:`_dft_pool`
+    relabels them with DFT, resumably. Minima and modes are kept in ``dft_sampler/``, so a killed run
+    does not redo them."""
+    from .data import read_all
+    from .data.label import (filter_frames, normal_modes, optimize_minimum, sample_normal_modes,
+                             write_extxyz)
+
+    spec = tc.dft_pool
+    tdir = _target_dir(cfg, target)
+    work = tdir / "dft_sampler"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "samples_xtb_labels.extxyz"
+    if out.is_file():
+        return out
+    shards = sorted(xtb_dir(cfg).glob("shard-*.extxyz"))
+    minima = [r.to_atoms() for p in shards for r in read_all(p)
+              if matches(r, {"smiles": tc.smiles, "sampling": "minimum"})]
+    if not minima:
+        raise DataError(f"target {target!r}: the study's GFN2-xTB frames hold no minimum of {tc.smiles}",
+                        file=str(xtb_dir(cfg)))
+    settings = dict(cfg.target_xtb)
+    temperatures = [float(t) for t in settings.get("normal_mode_temperatures", (300.0, 500.0))]
+    from ase.io import read
+
+    modes = []
+    for k, m in enumerate(minima):
+        m_path, modes_path = work / f"minimum-{k}.extxyz", work / f"modes-{k}.npz"
+        if not m_path.is_file():
+            log.info("%s: optimizing GFN2-xTB minimum %d with %s", target, k, dft.level_of_theory)
+            t0 = time.time()
+            write_extxyz(m_path, [optimize_minimum(m, dft=dft, source=f"{target}-dft-sampler")])
+            log.info("%s: minimum %d optimized in %.0f s", target, k, time.time() - t0)
+        minimum = read(m_path)
+        if not modes_path.is_file():
+            log.info("%s: %s Hessian of minimum %d (%d gradients)", target, dft.level_of_theory, k, 6 * len(minimum))
+            t0 = time.time()
+            vecs, mu, eig = normal_modes(minimum, dft=dft)
+            log.info("%s: Hessian %d done in %.0f s", target, k, time.time() - t0)
+            tmp = modes_path.with_suffix(".tmp.npz")
+            np.savez(tmp, modes=vecs, reduced_masses=mu, eigenvalues=eig)
+            tmp.replace(modes_path)
+        with np.load(modes_path) as f:
+            modes.append((minimum, (f["modes"], f["reduced_masses"], f["eigenvalues"])))
+    seeds = np.random.SeedSequence([spec.seed, zlib.crc32(target.encode())]).spawn(len(temperatures) * len(modes))
+    base, extra = divmod(spec.n, len(temperatures) * len(modes))
+    frames = []
+    for i, (T, (minimum, m)) in enumerate((T, mm) for T in temperatures for mm in modes):
+        n = base + (i < extra)
+        samples = sample_normal_modes(minimum, n, temperature=T, seed=seeds[i], modes=m,
+                                      min_wavenumber=float(settings.get("min_wavenumber", 100.0)),
+                                      source=f"{target}-dft-sampler")
+        frames += filter_frames(samples, max_force=float(settings.get("max_force", 10.0)))[0]
+    write_extxyz(out, frames)
+    return out
 
 
 def _carve(records: list, n: int, seed: int) -> tuple[list, list]:
@@ -882,7 +958,9 @@ def run_study(cfg: StudyConfig, phase: str = "all", workers: int = 2, accelerato
             out["prepare"] = prepare(cfg, workers=workers, progress=progress)
         elif ph in ("pretrain", "finetune"):
             if ph == "finetune":
-                unprepared = [t for t in cfg.targets if not (_target_dir(cfg, t) / "split.json").is_file()]
+                wanted = (filters or {}).get("molecule") or list(cfg.targets)  # only the targets it will run
+                unprepared = [t for t in cfg.targets
+                              if t in wanted and not (_target_dir(cfg, t) / "split.json").is_file()]
                 if unprepared:
                     raise ConfigError(f"targets {unprepared} are not split yet: run --phase prepare first")
             elif "target_in_pretraining" in cfg.pretrain.settings and not list(xtb_dir(cfg).glob("shard-*.extxyz")):
