@@ -756,3 +756,28 @@ def test_tuned_summary_chooses_each_models_variant_on_validation_only():
     assert tuned["full"]["ratio_scratch_over_model"] == pytest.approx(70.5 / 50.0)
     table = tuned_table(list(tuned.values()))
     assert "| m | 50 | full (unseen) | default | default, lr1e-3 (2 seeds) | 50.0 | 50.0 ± 0.0 (1.41×) |" in table
+
+
+def test_geometry_benchmark_measures_bond_lengths_and_the_labels_push_along_them():
+    """benchmarks/study_geometry.py: bond lengths per element pair, and the mean bond force, positive
+    when the labels push a bond longer, from water frames with made-up forces."""
+    import sys
+    from pathlib import Path
+
+    from forcecentric.data.conformation import Conformation
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from study_geometry import bond_statistics, bonds_of
+
+    frames = []
+    for k, stretch in enumerate((0.95, 1.00)):
+        pos = np.array([[0.0, 0.0, 0.0], [stretch, 0.0, 0.0], [0.0, stretch, 0.0]])
+        forces = np.array([[-0.3, -0.3, 0.0], [0.3, 0.0, 0.0], [0.0, 0.3, 0.0]]) * (1 - 2 * k)  # apart, then together
+        frames.append(Conformation(z=np.array([8, 1, 1]), pos=pos, energy=0.0, forces=forces))
+    bonds = bonds_of(frames[0])
+    assert sorted(k for _, _, k in bonds) == ["H-O", "H-O"]  # no H-H bond at 1.34-1.41 A
+    stats = bond_statistics(frames, bonds)["H-O"]
+    assert stats["length_mean"] == pytest.approx(0.975) and stats["length_std"] == pytest.approx(0.025)
+    assert stats["bond_force_mean_meV_A"] == pytest.approx(0.0, abs=1e-9)  # +300 and -300 meV/A
+    assert stats["bond_force_sem_meV_A"] == pytest.approx(300.0 / np.sqrt(2))
+    assert bond_statistics(frames[:1], bonds)["H-O"]["bond_force_mean_meV_A"] == pytest.approx(300.0)

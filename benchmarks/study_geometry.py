@@ -1,0 +1,167 @@
+"""Where do a study target's frames sit, and on whose potential-energy surface?
+
+For each target of a study config that has a SMILES, this reads its training pool and its test
+frames (the files `forcecentric study --phase prepare` wrote), the study's GFN2-xTB frames of the
+same SMILES and any minima of the target (the xTB minima; the DFT minima of a `sampler: dft`
+pool), and reports for every bond type (element pair, bonds from covalent radii in the first
+frame):
+
+* the mean and spread of the bond lengths (Å);
+* the mean bond force ± its standard error (meV/Å): half the difference of the two atoms' forces
+  projected on the bond, positive when the labels push the bond longer.
+
+Frames drawn from the Boltzmann ensemble of their own labels' surface have a mean bond force of
+only about -2kT/r (tens of meV/Å: the r² of the radial measure); a mean of hundreds of meV/Å
+says the frames were sampled on another surface than the one that labelled them. Writes
+benchmarks/results/study_paper_geometry.json (or --out) and a histogram of one bond type's
+lengths (--bond, default C-O) in each set of one molecule (--smiles, default CCO) as a PNG beside
+it.
+
+    python benchmarks/study_geometry.py -c study_paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from forcecentric.data import read_all
+from forcecentric.data.conformation import matches
+from forcecentric.evaluation import write_json
+from forcecentric.provenance import machine_info
+from forcecentric.study import _target_dir, load_study_config, xtb_dir
+
+
+def bonds_of(record) -> list[tuple[int, int, str]]:
+    """Covalent bonds (i, j, "A-B", elements in alphabetical order) of one frame."""
+    from ase.neighborlist import NeighborList, natural_cutoffs
+
+    atoms = record.to_atoms()
+    nl = NeighborList(natural_cutoffs(atoms, mult=1.2), self_interaction=False, bothways=False, skin=0.0)
+    nl.update(atoms)
+    symbols = atoms.get_chemical_symbols()
+    out = []
+    for i in range(len(atoms)):
+        for j in nl.get_neighbors(i)[0]:
+            a, b = sorted((symbols[i], symbols[j]))
+            out.append((i, int(j), f"{a}-{b}"))
+    return out
+
+
+def bond_statistics(records, bonds) -> dict[str, dict[str, float]]:
+    """Per bond type: length mean and std (Å), and mean bond force and its standard error (meV/Å)
+    over frames (each frame's value averaged over that type's bonds)."""
+    lengths, forces = defaultdict(list), defaultdict(list)
+    for r in records:
+        per_len, per_force = defaultdict(list), defaultdict(list)
+        for i, j, kind in bonds:
+            vec = r.pos[j] - r.pos[i]
+            dist = float(np.linalg.norm(vec))
+            per_len[kind].append(dist)
+            if r.forces is not None:
+                per_force[kind].append(0.5 * float((r.forces[j] - r.forces[i]) @ vec) / dist)
+        for kind in per_len:
+            lengths[kind].append(np.mean(per_len[kind]))
+            if per_force[kind]:
+                forces[kind].append(np.mean(per_force[kind]))
+    out = {}
+    for kind in sorted(lengths):
+        f = np.asarray(forces.get(kind, []))
+        out[kind] = {
+            "length_mean": float(np.mean(lengths[kind])),
+            "length_std": float(np.std(lengths[kind])),
+            "bond_force_mean_meV_A": float(1000 * f.mean()) if f.size else None,
+            "bond_force_sem_meV_A": float(1000 * f.std() / np.sqrt(f.size)) if f.size > 1 else None,
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--config", default="study_paper", help="study config (YAML file or preset name)")
+    ap.add_argument("--out", default="benchmarks/results/study_paper_geometry.json", help="results JSON")
+    ap.add_argument("--bond", default="C-O", help="bond type of the histogram")
+    ap.add_argument("--smiles", default="CCO", help="the molecule whose sets the histogram shows")
+    args = ap.parse_args()
+    cfg = load_study_config(args.config)
+    xtb_frames = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
+    sets: dict[str, dict] = {}
+    seen: dict[str, str] = {}
+    for target, tc in cfg.targets.items():
+        tdir = _target_dir(cfg, target)
+        if not tc.smiles or not (tdir / "pool.extxyz").is_file():
+            continue
+        own = {"smiles": tc.smiles}
+        xtb = [r for r in xtb_frames if matches(r, own)]
+        named = {
+            f"{target}: pool": read_all(tdir / "pool.extxyz"),
+            f"{target}: test": read_all(tdir / "test.extxyz"),
+            f"GFN2-xTB frames of {tc.smiles} (xTB labels)": [r for r in xtb if not r.equilibrium],
+            f"GFN2-xTB minimum of {tc.smiles}": [r for r in xtb if r.equilibrium],
+        }
+        for path in sorted((tdir / "dft_sampler").glob("minimum-*.extxyz")):
+            named[f"{target}: DFT minimum {path.stem.split('-')[1]}"] = read_all(path)
+        for name, records in named.items():
+            if name in sets or not records:
+                continue
+            key = hashlib.sha1(np.concatenate([r.pos.ravel() for r in records]).tobytes()).hexdigest()
+            if key in seen:  # the same frames as another target's (a shared test file)
+                sets[seen[key]].setdefault("also", []).append(name)
+                continue
+            seen[key] = name
+            bonds = bonds_of(records[0])
+            sets[name] = {
+                "smiles": tc.smiles,
+                "n_frames": len(records),
+                "level_of_theory": sorted({r.level_of_theory for r in records}),
+                "bonds": bond_statistics(records, bonds),
+                "_lengths": [float(np.mean([np.linalg.norm(r.pos[j] - r.pos[i]) for i, j, k in bonds
+                                            if k == args.bond])) for r in records
+                             if any(k == args.bond for _, _, k in bonds)],
+            }
+    out = Path(args.out)
+    _plot({k: v["_lengths"] for k, v in sets.items() if v["smiles"] == args.smiles}, args.bond,
+          out.with_suffix(".png"))
+    for v in sets.values():
+        del v["_lengths"]
+    write_json({"config": args.config, "sets": sets, "machine": machine_info()}, out)
+    for name, v in sets.items():
+        cells = []
+        for kind, s in v["bonds"].items():
+            force = s["bond_force_mean_meV_A"]
+            f = "" if force is None or v["n_frames"] < 2 else f" F {force:+.0f}±{s['bond_force_sem_meV_A']:.0f}"
+            cells.append(f"{kind} {s['length_mean']:.4f}±{s['length_std']:.4f}{f}")
+        also = f" [= {', '.join(v['also'])}]" if v.get("also") else ""
+        print(f"{name}{also} (n={v['n_frames']}): " + "; ".join(cells))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _plot(lengths: dict[str, list[float]], bond: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in lengths.items():
+        if len(values) == 1:
+            ax.axvline(values[0], ls="--", lw=1, label=name, color="k" if "xTB" in name else "tab:red")
+        elif values:
+            ax.hist(values, bins=40, histtype="step", density=True, label=f"{name} (mean {np.mean(values):.3f})")
+    ax.set_xlabel(f"{bond} bond length (Å)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
