@@ -14,8 +14,8 @@ Frames drawn from the Boltzmann ensemble of their own labels' surface have a mea
 only about -2kT/r (tens of meV/Å: the r² of the radial measure); a mean of hundreds of meV/Å
 says the frames were sampled on another surface than the one that labelled them. Writes
 benchmarks/results/study_paper_geometry.json (or --out) and a histogram of one bond type's
-lengths (--bond, default C-O) in each set of one molecule (--smiles, default CCO) as a PNG beside
-it.
+lengths (--bond, default C-O) in each set of one molecule (--smiles, default CCO) to
+docs/figures/study_paper_geometry.png (or --figure).
 
     python benchmarks/study_geometry.py -c study_paper
 """
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/study_paper_geometry.json", help="results JSON")
     ap.add_argument("--bond", default="C-O", help="bond type of the histogram")
     ap.add_argument("--smiles", default="CCO", help="the molecule whose sets the histogram shows")
+    ap.add_argument("--figure", default="docs/figures/study_paper_geometry.png", help="the histogram (PNG)")
     args = ap.parse_args()
     cfg = load_study_config(args.config)
     xtb_frames = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
@@ -124,8 +125,7 @@ def main() -> None:
                              if any(k == args.bond for _, _, k in bonds)],
             }
     out = Path(args.out)
-    _plot({k: v["_lengths"] for k, v in sets.items() if v["smiles"] == args.smiles}, args.bond,
-          out.with_suffix(".png"))
+    _plot({k: v["_lengths"] for k, v in sets.items() if v["smiles"] == args.smiles}, args.bond, Path(args.figure))
     for v in sets.values():
         del v["_lengths"]
     write_json({"config": args.config, "sets": sets, "machine": machine_info()}, out)
@@ -137,7 +137,7 @@ def main() -> None:
             cells.append(f"{kind} {s['length_mean']:.4f}±{s['length_std']:.4f}{f}")
         also = f" [= {', '.join(v['also'])}]" if v.get("also") else ""
         print(f"{name}{also} (n={v['n_frames']}): " + "; ".join(cells))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out} and {args.figure}")
 
 
 def _plot(lengths: dict[str, list[float]], bond: str, path: Path) -> None:

@@ -109,3 +109,20 @@ def test_finetune_config_keeps_its_init_from_unless_from_is_given(tmp_path, tiny
     save_model(ForceField(tiny_config), other)
     assert main(["finetune", "-c", str(cfg), "--run-dir", str(tmp_path / "b"), "--from", str(other)]) == 0
     assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["init_from"] == str(other)
+
+
+def test_dft_commands_without_pyscf_stop_with_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """label --level dft and relabel need PySCF: without it they say how to install it, before any
+    work and without a traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyscf", None)  # import pyscf now raises ImportError
+    smiles = tmp_path / "water.smi"
+    smiles.write_text("O water\n")
+    assert main(["label", str(smiles), "--out", str(tmp_path / "labels"), "--level", "dft", "--no-progress"]) == 2
+    assert "pip install 'forcecentric[dft]'" in capsys.readouterr().err
+    assert not (tmp_path / "labels").exists()
+    from forcecentric.errors import MissingDependencyError
+
+    with pytest.raises(ImportError):  # still an ImportError for Python callers
+        raise MissingDependencyError("x")

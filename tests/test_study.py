@@ -422,6 +422,9 @@ def test_a_dft_sampler_pool_samples_normal_modes_around_the_dft_minimum(tmp_path
         np.testing.assert_allclose(rec.forces, forces, atol=1e-6)
         displacement = np.linalg.norm(rec.pos - minimum.positions, axis=1).max()
         assert 1e-3 < displacement < 0.3  # a thermal sample around the DFT minimum
+    bad = dict(target, dft_pool=dict(target["dft_pool"], select={"sampling": "md"}))
+    with pytest.raises(ConfigError, match="sampler: dft"):
+        load_study_config(_write(tmp_path, dict(cfg_dict, targets={"water": bad})))
     # a rerun of the sampler (its samples file gone) reuses the kept minimum and modes: same samples
     first = [r.pos for r in read_all(root / "dft_sampler" / "samples_xtb_labels.extxyz")]
     (root / "dft_sampler" / "samples_xtb_labels.extxyz").unlink()

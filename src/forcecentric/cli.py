@@ -250,7 +250,12 @@ def cmd_label(args) -> int:
     molecules = []
     for path in args.inputs:
         molecules.extend(read_molecules(path))
-    extra = {"dft": _dft_settings(args)} if args.level == "dft" else {}
+    extra = {}
+    if args.level == "dft":
+        from .data.dft import require_pyscf
+
+        require_pyscf()  # before any work: without PySCF every molecule would fail on its own
+        extra["dft"] = _dft_settings(args)
     report = label_to_shards(
         molecules, args.out, molecules_per_shard=args.shard_molecules, n_workers=args.workers,
         progress=not args.no_progress, n_conformers=args.conformers, md_frames_per_T=args.md_frames,

@@ -46,3 +46,8 @@ class TrainingDivergedError(ForceCentricError, RuntimeError):
 class ModelKindError(ForceCentricError, ValueError):
     """A checkpoint holds another kind of model than asked for (a property model where a force
     field is needed, or the reverse)."""
+
+
+class MissingDependencyError(ForceCentricError, ImportError):
+    """An optional dependency a feature needs is not installed; the message says how to install it
+    (an ImportError too, for code that catches that)."""

@@ -58,7 +58,8 @@ class DFTPoolConfig(_Strict):
     """A target's training pool made by the study: xTB-sampled frames with DFT labels, or normal-mode
     samples around the DFT minimum (``sampler: dft``), labelled with DFT."""
 
-    n: int = Field(gt=0, description="frames drawn at random from the target's GFN2-xTB frames and labelled")
+    n: int = Field(gt=0, description="frames drawn at random from the target's GFN2-xTB frames (sampler: dft, "
+                   "normal-mode samples drawn) and labelled")
     seed: int = 0
     sampler: Literal["xtb", "dft"] = Field(
         "xtb",
@@ -222,6 +223,9 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
             raise ConfigError(f"targets.{t}.dft_pool draws from the study's GFN2-xTB frames of its smiles, and "
                               f"validates and tests on held-out files: it needs a smiles that a "
                               f"target_in_pretraining target shares ({sorted(xtb_smiles)}) and a heldout list")
+        if tc.dft_pool is not None and tc.dft_pool.sampler == "dft" and tc.dft_pool.select:
+            raise ConfigError(f"targets.{t}.dft_pool: select picks among the study's xTB frames; sampler: dft "
+                              "draws its own samples, so it takes no select")
     if "target_in_pretraining" in cfg.pretrain.settings:
         missing = [t for t, tc in cfg.targets.items()
                    if tc.finetune and "target_in_pretraining" in tc.settings and not tc.smiles]

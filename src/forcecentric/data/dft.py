@@ -22,7 +22,7 @@ import numpy as np
 from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 
-from ..errors import DataError
+from ..errors import DataError, MissingDependencyError
 
 __all__ = ["DFTSettings", "PySCFCalculator", "dft_labels", "require_pyscf"]
 
@@ -33,7 +33,7 @@ def require_pyscf():
         import pyscf  # noqa: F401
         from pyscf import dft, gto
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise MissingDependencyError(
             "DFT labels need PySCF: pip install 'forcecentric[dft]' (or pip install pyscf)"
         ) from exc
     return gto, dft
