@@ -12,12 +12,18 @@ frame):
 
 Frames drawn from the Boltzmann ensemble of their own labels' surface have a mean bond force of
 only about -2kT/r (tens of meV/Å: the r² of the radial measure); a mean of hundreds of meV/Å
-says the frames were sampled on another surface than the one that labelled them. Writes
+says the frames were sampled on another surface than the one that labelled them.
+
+It also bins one torsion (--dihedral, default H-O-C-C, the hydroxyl rotor of an alcohol:
+|angle| below 90° gauche, above 150° trans) and reports each set's share of every bin, and, for
+fine-tuned models given with --models, their test force error within each bin: where in
+conformational space a training pool leaves a model short. Writes
 benchmarks/results/study_paper_geometry.json (or --out) and a histogram of one bond type's
 lengths (--bond, default C-O) in each set of one molecule (--smiles, default CCO) to
 docs/figures/study_paper_geometry.png (or --figure).
 
-    python benchmarks/study_geometry.py -c study_paper
+    python benchmarks/study_geometry.py -c study_paper \
+        --models runs/study_paper/finetune/ethanol*/scratch/n50_seed*/model.ckpt
 """
 
 from __future__ import annotations
@@ -80,6 +86,48 @@ def bond_statistics(records, bonds) -> dict[str, dict[str, float]]:
     return out
 
 
+def dihedral_path(record, pattern: list[str]) -> tuple[int, int, int, int] | None:
+    """The first chain of bonded atoms a-b-c-d whose elements are ``pattern`` (e.g. H, O, C, C: the
+    hydroxyl torsion of an alcohol), or None."""
+    bonded = defaultdict(set)
+    for i, j, _ in bonds_of(record):
+        bonded[i].add(j)
+        bonded[j].add(i)
+    symbols = record.to_atoms().get_chemical_symbols()
+    for a in range(len(symbols)):
+        if symbols[a] != pattern[0]:
+            continue
+        for b in sorted(bonded[a]):
+            for c in sorted(bonded[b] - {a}):
+                for d in sorted(bonded[c] - {a, b}):
+                    if [symbols[b], symbols[c], symbols[d]] == pattern[1:]:
+                        return a, b, c, d
+    return None
+
+
+def abs_dihedral(record, path) -> float:
+    """|dihedral| in degrees, 0-180 (60: gauche, 180: trans)."""
+    x = record.to_atoms().get_dihedral(*path)
+    return float(min(x, 360.0 - x))
+
+
+def region_errors(model_paths: list[str], test, labels: np.ndarray, names: list[str]) -> dict[str, dict]:
+    """Each model's force MAE (meV/Å) over the test frames and within each region ``labels`` marks."""
+    import torch
+
+    from forcecentric.checkpoint import load
+    from forcecentric.evaluation import predict
+
+    torch.set_num_threads(1)
+    out = {}
+    for path in model_paths:
+        _, forces = predict(load(path), test)
+        err = np.array([1000 * np.abs(f - r.forces).mean() for f, r in zip(forces, test)])
+        out[path] = {"force_mae": float(err.mean()),
+                     **{name: float(err[labels == k].mean()) for k, name in enumerate(names) if (labels == k).any()}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--config", default="study_paper", help="study config (YAML file or preset name)")
@@ -87,7 +135,17 @@ def main() -> None:
     ap.add_argument("--bond", default="C-O", help="bond type of the histogram")
     ap.add_argument("--smiles", default="CCO", help="the molecule whose sets the histogram shows")
     ap.add_argument("--figure", default="docs/figures/study_paper_geometry.png", help="the histogram (PNG)")
+    ap.add_argument("--dihedral", default="H,O,C,C", help="elements of the torsion whose |angle| is binned")
+    ap.add_argument("--dihedral-bins", type=float, nargs="+", default=[90.0, 150.0],
+                    help="|dihedral| bin edges (deg) between 0 and 180: 0-90 gauche, 150-180 trans for H-O-C-C")
+    ap.add_argument("--models", nargs="*", default=[],
+                    help="fine-tuned models (model.ckpt) of the --smiles molecule whose test errors are split by "
+                    "the torsion's bins (the test frames of the first target of that SMILES)")
     args = ap.parse_args()
+    edges = [0.0, *args.dihedral_bins, 180.0001]
+    bin_names = [f"|{args.dihedral.replace(',', '-')}| {edges[k]:.0f}-{min(edges[k + 1], 180):.0f}"
+                 for k in range(len(edges) - 1)]
+    first_test = None
     cfg = load_study_config(args.config)
     xtb_frames = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
     sets: dict[str, dict] = {}
@@ -106,6 +164,8 @@ def main() -> None:
         }
         for path in sorted((tdir / "dft_sampler").glob("minimum-*.extxyz")):
             named[f"{target}: DFT minimum {path.stem.split('-')[1]}"] = read_all(path)
+        if tc.smiles == args.smiles and first_test is None:
+            first_test = named[f"{target}: test"]
         for name, records in named.items():
             if name in sets or not records:
                 continue
@@ -115,10 +175,16 @@ def main() -> None:
                 continue
             seen[key] = name
             bonds = bonds_of(records[0])
+            path = dihedral_path(records[0], args.dihedral.split(","))
+            fractions = None
+            if path is not None:
+                angles = np.array([abs_dihedral(r, path) for r in records])
+                fractions = dict(zip(bin_names, np.histogram(angles, bins=edges)[0].astype(float) / len(angles)))
             sets[name] = {
                 "smiles": tc.smiles,
                 "n_frames": len(records),
                 "level_of_theory": sorted({r.level_of_theory for r in records}),
+                "torsion_fractions": fractions,
                 "bonds": bond_statistics(records, bonds),
                 "_lengths": [float(np.mean([np.linalg.norm(r.pos[j] - r.pos[i]) for i, j, k in bonds
                                             if k == args.bond])) for r in records
@@ -128,7 +194,13 @@ def main() -> None:
     _plot({k: v["_lengths"] for k, v in sets.items() if v["smiles"] == args.smiles}, args.bond, Path(args.figure))
     for v in sets.values():
         del v["_lengths"]
-    write_json({"config": args.config, "sets": sets, "machine": machine_info()}, out)
+    models = {}
+    if args.models and first_test is not None:
+        path = dihedral_path(first_test[0], args.dihedral.split(","))
+        labels = np.digitize([abs_dihedral(r, path) for r in first_test], edges[1:-1])
+        models = region_errors(args.models, first_test, labels, bin_names)
+    write_json({"config": args.config, "dihedral": args.dihedral, "sets": sets, "model_errors": models,
+                "machine": machine_info()}, out)
     for name, v in sets.items():
         cells = []
         for kind, s in v["bonds"].items():
@@ -137,6 +209,10 @@ def main() -> None:
             cells.append(f"{kind} {s['length_mean']:.4f}±{s['length_std']:.4f}{f}")
         also = f" [= {', '.join(v['also'])}]" if v.get("also") else ""
         print(f"{name}{also} (n={v['n_frames']}): " + "; ".join(cells))
+        if v["torsion_fractions"] and v["n_frames"] > 1:
+            print("    " + ", ".join(f"{k}: {f:.2f}" for k, f in v["torsion_fractions"].items()))
+    for path, errs in models.items():
+        print(f"{path}: " + ", ".join(f"{k} {e:.1f}" for k, e in errs.items()) + " meV/A")
     print(f"wrote {out} and {args.figure}")
 
 

@@ -784,3 +784,26 @@ def test_geometry_benchmark_measures_bond_lengths_and_the_labels_push_along_them
     assert stats["bond_force_mean_meV_A"] == pytest.approx(0.0, abs=1e-9)  # +300 and -300 meV/A
     assert stats["bond_force_sem_meV_A"] == pytest.approx(300.0 / np.sqrt(2))
     assert bond_statistics(frames[:1], bonds)["H-O"]["bond_force_mean_meV_A"] == pytest.approx(300.0)
+
+
+def test_geometry_benchmark_finds_and_measures_a_torsion():
+    """study_geometry's torsion: the first bonded chain of the given elements, and its |angle| in 0-180."""
+    import sys
+    from pathlib import Path
+
+    from ase.build import molecule
+
+    from forcecentric.data.conformation import Conformation
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from study_geometry import abs_dihedral, dihedral_path
+
+    atoms = molecule("CH3CH2OH")
+    rec = Conformation(z=atoms.numbers, pos=atoms.positions)
+    path = dihedral_path(rec, ["H", "O", "C", "C"])
+    assert path is not None and atoms.get_chemical_symbols()[path[1]] == "O"
+    for angle in (60.0, 180.0, 300.0):
+        atoms.set_dihedral(*path[::-1], angle, indices=[path[0]])  # turns the hydroxyl H, the chain's last atom
+        rec = Conformation(z=atoms.numbers, pos=atoms.positions)
+        assert abs_dihedral(rec, path) == pytest.approx(min(angle, 360 - angle), abs=1e-6)
+    assert dihedral_path(rec, ["N", "O", "C", "C"]) is None
