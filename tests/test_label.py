@@ -277,3 +277,34 @@ def test_relabel_xtb_replaces_labels_and_keeps_geometry_and_metadata(methanol):
         assert rec.level_of_theory == "GFN2-xTB" and rec.info["relabelled_from"] == "PBE/def2-SVP"
         assert (rec.mol_id, rec.source, rec.info["frame"]) == ("methanol", "made-up", old.info["frame"])
         assert old.energy == -1.0 and np.all(old.forces == 1.0)  # the input records are not changed
+
+
+def test_label_embed_reaches_both_ethanol_rotamers(tmp_path):
+    """``forcecentric label --embed``: more RDKit conformers tried for the minima. ETKDG favours the
+    gauche hydroxyl rotamer of ethanol; with 30 embeddings the labeller finds both minima, gauche
+    (|H-O-C-C| about 60 degrees) and trans (180), which GFN2-xTB puts 67 meV apart."""
+    from forcecentric.cli import main
+    from forcecentric.data import read_all
+
+    smi = tmp_path / "ethanol.smi"
+    smi.write_text("CCO ethanol\n")
+    out = tmp_path / "labels"
+    assert main(["label", str(smi), "--out", str(out), "--conformers", "3", "--embed", "30", "--md-frames", "0",
+                 "--nm-samples", "0", "--workers", "1", "--no-progress"]) == 0
+    minima = [r.to_atoms() for r in read_all(out / "shard-00000.extxyz")]
+    assert len(minima) == 2 and all(m.info["equilibrium"] for m in minima)
+    angles = []
+    for m in minima:
+        o = int(np.where(m.numbers == 8)[0][0])
+        h = min((i for i in range(len(m)) if m.numbers[i] == 1), key=lambda i: m.get_distance(o, i))
+        c1 = min((i for i in range(len(m)) if m.numbers[i] == 6), key=lambda i: m.get_distance(o, i))
+        c2 = max((i for i in range(len(m)) if m.numbers[i] == 6), key=lambda i: m.get_distance(o, i))
+        x = m.get_dihedral(h, o, c1, c2)
+        angles.append(min(x, 360 - x))
+    assert sorted(angles) == [pytest.approx(56, abs=10), pytest.approx(180, abs=5)]
+    energies = {round(a): m.get_potential_energy() for a, m in zip(angles, minima)}
+    gap = energies[max(energies)] - energies[min(energies)]
+    assert 0.03 < gap < 0.1  # GFN2-xTB's trans - gauche, eV
+    import json
+
+    assert json.loads((out / "label_settings.json").read_text())["settings"]["n_embed"] == 30

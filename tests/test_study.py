@@ -384,6 +384,36 @@ def test_a_dft_pool_target_trains_on_its_xtb_frames_with_dft_labels(tmp_path):
             load_study_config(_write(tmp_path, _config(tmp_path, targets={"water": bad})))
 
 
+def test_a_dft_pool_can_sample_its_own_xtb_frames(tmp_path):
+    """dft_pool.xtb: the target's own GFN2-xTB frames, with target_xtb's settings changed (here more MD
+    frames), in targets/NAME/xtb/; the pool draws from them, not from the shared frames. Unknown
+    labeller settings are refused."""
+    pytest.importorskip("tblite")
+    pytest.importorskip("pyscf")
+    held = _water_frames(tmp_path)
+    target = {"smiles": "O", "dft_pool": {"n": 4, "basis": "sto-3g", "density_fit": False,
+                                          "xtb": {"md_frames_per_T": 6, "n_embed": 2}},
+              "heldout": [str(held)], "n_val": 1, "n_test": 2}
+    cfg_dict = _config(tmp_path, targets={"water": target},
+                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 2,
+                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0})
+    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    root = tmp_path / "study" / "targets" / "water"
+    shared = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
+    own = [r for p in sorted((root / "xtb").glob("shard-*.extxyz")) for r in read_all(p)]
+    assert sum(not r.equilibrium for r in shared) == 2 and sum(not r.equilibrium for r in own) == 6
+    assert json.loads((root / "xtb" / "label_settings.json").read_text())["settings"]["n_embed"] == 2
+    pool = read_all(root / "pool.extxyz")
+    assert len(pool) == 4
+    for rec in pool:
+        np.testing.assert_allclose(rec.pos, own[rec.info["relabel_index"]].pos, atol=1e-8)
+    bad = dict(target, dft_pool=dict(target["dft_pool"], xtb={"n_embedd": 30}))
+    with pytest.raises(ConfigError, match="n_embedd"):
+        load_study_config(_write(tmp_path, dict(cfg_dict, targets={"water": bad})))
+
+
 def test_a_dft_sampler_pool_samples_normal_modes_around_the_dft_minimum(tmp_path):
     """dft_pool with sampler: dft: the target's xTB minimum is optimized again at DFT level, its DFT
     Hessian gives the modes, and n normal-mode samples around that minimum carry DFT labels; a rerun
@@ -431,7 +461,8 @@ def test_a_dft_sampler_pool_samples_normal_modes_around_the_dft_minimum(tmp_path
     stamp = (root / "dft_sampler" / "modes-0.npz").stat().st_mtime_ns
     from forcecentric.study import _dft_normal_mode_frames
 
-    again = read_all(_dft_normal_mode_frames(cfg, "water", cfg.targets["water"], settings))
+    again = read_all(_dft_normal_mode_frames(cfg, "water", cfg.targets["water"], settings,
+                                             sorted(xtb_dir(cfg).glob("shard-*.extxyz"))))
     assert (root / "dft_sampler" / "modes-0.npz").stat().st_mtime_ns == stamp
     np.testing.assert_allclose([r.pos for r in again], first, atol=1e-10)
 

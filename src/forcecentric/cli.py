@@ -250,7 +250,7 @@ def cmd_label(args) -> int:
     molecules = []
     for path in args.inputs:
         molecules.extend(read_molecules(path))
-    extra = {}
+    extra = {} if args.embed is None else {"n_embed": args.embed}
     if args.level == "dft":
         from .data.dft import require_pyscf
 
@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2, help="worker processes")
     sp.add_argument("--shard-molecules", type=int, default=50, help="molecules per output shard")
     sp.add_argument("--conformers", type=int, default=2, help="distinct minima per molecule (at most)")
+    sp.add_argument("--embed", type=int, default=None,
+                    help="RDKit conformers optimized in search of the minima (default: 3 x --conformers); ETKDG "
+                    "favours some rotamers: ethanol's 9 default embeddings all reach gauche, 30 also reach trans")
     sp.add_argument("--md-temperatures", type=float, nargs="+", default=[300.0, 600.0, 900.0], help="MD temperatures (K)")
     sp.add_argument("--md-frames", type=int, default=2, help="MD frames kept per temperature")
     sp.add_argument("--md-equilibration", type=int, default=200, help="MD steps discarded before the first frame")

@@ -71,6 +71,12 @@ class DFTPoolConfig(_Strict):
         default_factory=dict,
         description="draw only from the xTB frames with these info values, e.g. {sampling: normal_mode}",
     )
+    xtb: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the target's own GFN2-xTB frames, sampled with target_xtb's settings changed by these "
+        "(label_molecule arguments, e.g. {n_embed: 30}: more conformers tried for the minima), in place of "
+        "the study's shared ones",
+    )
     xc: str = "pbe"
     basis: str = "def2-svp"
     density_fit: bool = True
@@ -223,6 +229,15 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
             raise ConfigError(f"targets.{t}.dft_pool draws from the study's GFN2-xTB frames of its smiles, and "
                               f"validates and tests on held-out files: it needs a smiles that a "
                               f"target_in_pretraining target shares ({sorted(xtb_smiles)}) and a heldout list")
+        if tc.dft_pool is not None and tc.dft_pool.xtb:
+            import inspect
+
+            from .data.label import label_molecule
+
+            known = set(inspect.signature(label_molecule).parameters) - {"name", "smiles", "dropped"}
+            bad = sorted(set(tc.dft_pool.xtb) - known)
+            if bad:
+                raise ConfigError(f"targets.{t}.dft_pool.xtb: unknown labeller settings {bad}; known: {sorted(known)}")
         if tc.dft_pool is not None and tc.dft_pool.sampler == "dft" and tc.dft_pool.select:
             raise ConfigError(f"targets.{t}.dft_pool: select picks among the study's xTB frames; sampler: dft "
                               "draws its own samples, so it takes no select")
@@ -501,15 +516,24 @@ def _dft_pool(cfg: StudyConfig, target: str, tc: TargetConfig, progress: bool) -
         spec = tc.dft_pool
         dft = DFTSettings(xc=spec.xc, basis=spec.basis, density_fit=spec.density_fit)
         shards = sorted(xtb_dir(cfg).glob("shard-*.extxyz"))
+        if spec.xtb:
+            from .data.label import label_to_shards
+
+            own = _target_dir(cfg, target) / "xtb"
+            name = next(n for n, smiles in _xtb_targets(cfg) if smiles == tc.smiles)  # the shared frames' seeds
+            label_to_shards([(name, tc.smiles)], own, molecules_per_shard=1, n_workers=1, progress=progress,
+                            **{**cfg.target_xtb, **spec.xtb})
+            shards = sorted(own.glob("shard-*.extxyz"))
         n, select = spec.n, {**spec.select, "smiles": tc.smiles}
         if spec.sampler == "dft":  # every sample (n were drawn; the outlier filter may have dropped some)
-            shards, n, select = [_dft_normal_mode_frames(cfg, target, tc, dft)], None, {}
+            shards, n, select = [_dft_normal_mode_frames(cfg, target, tc, dft, shards)], None, {}
         relabel_file(shards, path, "dft", n=n, seed=spec.seed, select=select, dft=dft, progress=progress)
     return path
 
 
-def _dft_normal_mode_frames(cfg: StudyConfig, target: str, tc: TargetConfig, dft) -> Path:
-    """``sampler: dft``: normal-mode samples around the target's minima re-optimized at DFT level.
+def _dft_normal_mode_frames(cfg: StudyConfig, target: str, tc: TargetConfig, dft, shards: list[Path]) -> Path:
+    """``sampler: dft``: normal-mode samples around the target's minima (in ``shards``, its GFN2-xTB
+    frames) re-optimized at DFT level.
 
     Each of the target's GFN2-xTB minima is optimized again with ``dft`` and its Hessian computed at
     that level (6N DFT gradients); ``n`` samples are then drawn from those modes at target_xtb's
@@ -528,7 +552,6 @@ def _dft_normal_mode_frames(cfg: StudyConfig, target: str, tc: TargetConfig, dft
     out = work / "samples_xtb_labels.extxyz"
     if out.is_file():
         return out
-    shards = sorted(xtb_dir(cfg).glob("shard-*.extxyz"))
     minima = [r.to_atoms() for p in shards for r in read_all(p)
               if matches(r, {"smiles": tc.smiles, "sampling": "minimum"})]
     if not minima:
