@@ -3,8 +3,8 @@
 For each target of a study config that has a SMILES, this reads its training pool and its test
 frames (the files `forcecentric study --phase prepare` wrote), the study's GFN2-xTB frames of the
 same SMILES and any minima of the target (the xTB minima; the DFT minima of a `sampler: dft`
-pool), and reports for every bond type (element pair, bonds from covalent radii in the first
-frame):
+pool; a `dft_pool.xtb` target's own xTB frames and minima), and reports for every bond type
+(element pair, bonds from covalent radii in the first frame):
 
 * the mean and spread of the bond lengths (Å);
 * the mean bond force ± its standard error (meV/Å): half the difference of the two atoms' forces
@@ -162,6 +162,11 @@ def main() -> None:
             f"GFN2-xTB frames of {tc.smiles} (xTB labels)": [r for r in xtb if not r.equilibrium],
             f"GFN2-xTB minimum of {tc.smiles}": [r for r in xtb if r.equilibrium],
         }
+        own_xtb = [r for p in sorted((tdir / "xtb").glob("shard-*.extxyz")) for r in read_all(p)]  # dft_pool.xtb
+        if own_xtb:
+            named[f"{target}: own GFN2-xTB frames (xTB labels)"] = [r for r in own_xtb if not r.equilibrium]
+            for k, r in enumerate(r for r in own_xtb if r.equilibrium):
+                named[f"{target}: own GFN2-xTB minimum {k}"] = [r]
         for path in sorted((tdir / "dft_sampler").glob("minimum-*.extxyz")):
             named[f"{target}: DFT minimum {path.stem.split('-')[1]}"] = read_all(path)
         if tc.smiles == args.smiles and first_test is None:
