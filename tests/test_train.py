@@ -350,13 +350,15 @@ def test_resume_after_sigkill_with_early_stopping(tmp_path, morse_file):
     proc = subprocess.Popen([sys.executable, "-m", "forcecentric.cli", "pretrain", "-c", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.time() + 600  # a loaded machine (CI beside training runs) took over 120 s to get here
+    while time.time() < deadline and proc.poll() is None:
         if last.is_file() and torch.load(last, weights_only=False)["epoch"] >= 2:
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    if not last.is_file():
+        pytest.fail(f"the run wrote no {last} before it was killed (exit code {proc.returncode})")
     epoch = torch.load(last, weights_only=False)["epoch"]
     assert epoch >= 2
     metrics = run(_cfg(tmp_path, morse_file, **{"trainer.max_epochs": epoch + 3, "trainer.early_stopping_patience": 500,
