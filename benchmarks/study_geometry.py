@@ -181,7 +181,7 @@ def main() -> None:
             seen[key] = name
             bonds = bonds_of(records[0])
             path = dihedral_path(records[0], args.dihedral.split(","))
-            fractions = None
+            fractions, angles = None, []
             if path is not None:
                 angles = np.array([abs_dihedral(r, path) for r in records])
                 fractions = dict(zip(bin_names, np.histogram(angles, bins=edges)[0].astype(float) / len(angles)))
@@ -191,14 +191,17 @@ def main() -> None:
                 "level_of_theory": sorted({r.level_of_theory for r in records}),
                 "torsion_fractions": fractions,
                 "bonds": bond_statistics(records, bonds),
+                "_angles": [float(a) for a in angles],
                 "_lengths": [float(np.mean([np.linalg.norm(r.pos[j] - r.pos[i]) for i, j, k in bonds
                                             if k == args.bond])) for r in records
                              if any(k == args.bond for _, _, k in bonds)],
             }
     out = Path(args.out)
-    _plot({k: v["_lengths"] for k, v in sets.items() if v["smiles"] == args.smiles}, args.bond, Path(args.figure))
+    mine = {k: v for k, v in sets.items() if v["smiles"] == args.smiles}
+    _plot({k: v["_lengths"] for k, v in mine.items()}, {k: v["_angles"] for k, v in mine.items()}, args.bond,
+          args.dihedral.replace(",", "-"), Path(args.figure))
     for v in sets.values():
-        del v["_lengths"]
+        del v["_lengths"], v["_angles"]
     models = {}
     if args.models and first_test is not None:
         path = dihedral_path(first_test[0], args.dihedral.split(","))
@@ -221,21 +224,30 @@ def main() -> None:
     print(f"wrote {out} and {args.figure}")
 
 
-def _plot(lengths: dict[str, list[float]], bond: str, path: Path) -> None:
+def _plot(lengths: dict[str, list[float]], angles: dict[str, list[float]], bond: str, torsion: str,
+          path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, values in lengths.items():
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, (name, values) in enumerate(lengths.items()):
+        color = f"C{k % 10}"
         if len(values) == 1:
-            ax.axvline(values[0], ls="--", lw=1, label=name, color="k" if "xTB" in name else "tab:red")
+            ax.axvline(values[0], ls="--", lw=1, label=name, color=color)
+            if angles.get(name):
+                ax2.axvline(angles[name][0], ls="--", lw=1, color=color)
         elif values:
-            ax.hist(values, bins=40, histtype="step", density=True, label=f"{name} (mean {np.mean(values):.3f})")
+            ax.hist(values, bins=40, histtype="step", density=True, color=color,
+                    label=f"{name} (mean {np.mean(values):.3f})")
+            if len(angles.get(name, [])) > 1:
+                ax2.hist(angles[name], bins=np.linspace(0, 180, 19), histtype="step", density=True, color=color)
     ax.set_xlabel(f"{bond} bond length (Å)")
     ax.set_ylabel("density")
     ax.legend(fontsize=6)
+    ax2.set_xlabel(f"|{torsion}| torsion (degrees; 60 gauche, 180 trans)")
+    ax2.set_ylabel("density")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
