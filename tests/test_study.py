@@ -355,17 +355,10 @@ def test_a_dft_pool_target_trains_on_its_xtb_frames_with_dft_labels(tmp_path):
     pytest.importorskip("pyscf")
     from forcecentric.data.dft import DFTSettings, dft_labels
 
-    held = _water_frames(tmp_path)
+    cfg, cfg_dict, target, root = _prepared_water_dft_pool(
+        tmp_path, {"n": 2, "seed": 1}, md_frames_per_T=3, kind="DFT at xTB geometries")
+    held = target["heldout"][0]
     water = read_all(held)
-    target = {"smiles": "O", "dft_pool": {"n": 2, "seed": 1, "basis": "sto-3g", "density_fit": False},
-              "heldout": [str(held)], "n_val": 1, "n_test": 2, "kind": "DFT at xTB geometries"}
-    cfg_dict = _config(tmp_path, targets={"water": target},
-                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 3,
-                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0})
-    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
-    cfg = load_study_config(_write(tmp_path, cfg_dict))
-    prepare(cfg, progress=False)
-    root = tmp_path / "study" / "targets" / "water"
     pool = read_all(root / "pool.extxyz")
     xtb = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
     assert len(pool) == 2 and len(xtb) >= 3
@@ -390,17 +383,8 @@ def test_a_dft_pool_can_sample_its_own_xtb_frames(tmp_path):
     labeller settings are refused."""
     pytest.importorskip("tblite")
     pytest.importorskip("pyscf")
-    held = _water_frames(tmp_path)
-    target = {"smiles": "O", "dft_pool": {"n": 4, "basis": "sto-3g", "density_fit": False,
-                                          "xtb": {"md_frames_per_T": 6, "n_embed": 2}},
-              "heldout": [str(held)], "n_val": 1, "n_test": 2}
-    cfg_dict = _config(tmp_path, targets={"water": target},
-                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 2,
-                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0})
-    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
-    cfg = load_study_config(_write(tmp_path, cfg_dict))
-    prepare(cfg, progress=False)
-    root = tmp_path / "study" / "targets" / "water"
+    cfg, cfg_dict, target, root = _prepared_water_dft_pool(
+        tmp_path, {"n": 4, "xtb": {"md_frames_per_T": 6, "n_embed": 2}}, md_frames_per_T=2)
     shared = [r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)]
     own = [r for p in sorted((root / "xtb").glob("shard-*.extxyz")) for r in read_all(p)]
     assert sum(not r.equilibrium for r in shared) == 2 and sum(not r.equilibrium for r in own) == 6
@@ -424,18 +408,9 @@ def test_a_dft_sampler_pool_samples_normal_modes_around_the_dft_minimum(tmp_path
 
     from forcecentric.data.dft import DFTSettings, dft_labels
 
-    held = _water_frames(tmp_path)
-    target = {"smiles": "O", "dft_pool": {"n": 3, "seed": 1, "sampler": "dft", "basis": "sto-3g",
-                                          "density_fit": False},
-              "heldout": [str(held)], "n_val": 1, "n_test": 2}
-    cfg_dict = _config(tmp_path, targets={"water": target},
-                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "md_frames_per_T": 1,
-                                   "equilibration_steps": 2, "interval_steps": 1, "n_normal_mode": 0,
-                                   "normal_mode_temperatures": [300.0, 600.0]})
-    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
-    cfg = load_study_config(_write(tmp_path, cfg_dict))
-    prepare(cfg, progress=False)
-    root = tmp_path / "study" / "targets" / "water"
+    cfg, cfg_dict, target, root = _prepared_water_dft_pool(
+        tmp_path, {"n": 3, "seed": 1, "sampler": "dft"}, md_frames_per_T=1,
+        normal_mode_temperatures=[300.0, 600.0])
     settings = DFTSettings(basis="sto-3g", density_fit=False)
     minimum = read(root / "dft_sampler" / "minimum-0.extxyz")
     xtb_min = next(r for p in sorted(xtb_dir(cfg).glob("shard-*.extxyz")) for r in read_all(p)
@@ -465,6 +440,22 @@ def test_a_dft_sampler_pool_samples_normal_modes_around_the_dft_minimum(tmp_path
                                              sorted(xtb_dir(cfg).glob("shard-*.extxyz"))))
     assert (root / "dft_sampler" / "modes-0.npz").stat().st_mtime_ns == stamp
     np.testing.assert_allclose([r.pos for r in again], first, atol=1e-10)
+
+
+def _prepared_water_dft_pool(tmp_path, dft_pool: dict, kind: str = "DFT", **target_xtb):
+    """A prepared study of one water target whose pool is ``dft_pool`` (PBE/STO-3G, exact integrals:
+    fast), held out on :func:`_water_frames`, with a small xTB sampling (``target_xtb`` changes it).
+    Returns the config, its dict, the target's dict and the target's folder."""
+    held = _water_frames(tmp_path)
+    target = {"smiles": "O", "dft_pool": {"basis": "sto-3g", "density_fit": False, **dft_pool},
+              "heldout": [str(held)], "n_val": 1, "n_test": 2, "kind": kind}
+    cfg_dict = _config(tmp_path, targets={"water": target},
+                       target_xtb={"n_conformers": 1, "temperatures": [300.0], "equilibration_steps": 2,
+                                   "interval_steps": 1, "n_normal_mode": 0, **target_xtb})
+    cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    prepare(cfg, progress=False)
+    return cfg, cfg_dict, target, tmp_path / "study" / "targets" / "water"
 
 
 def _water_frames(tmp_path):
