@@ -149,7 +149,6 @@ def dft_labels(
     return energy, forces
 
 
-
 class PySCFCalculator(Calculator):
     """An ASE calculator for :func:`dft_labels`: energy and forces from a fresh PySCF calculation.
 
