@@ -43,19 +43,13 @@ from forcecentric.study import _target_dir, load_study_config, xtb_dir
 
 
 def bonds_of(record) -> list[tuple[int, int, str]]:
-    """Covalent bonds (i, j, "A-B", elements in alphabetical order) of one frame."""
-    from ase.neighborlist import NeighborList, natural_cutoffs
+    """Covalent bonds (i, j, "A-B", elements in alphabetical order) of one frame: the labeller's bond
+    test near a minimum (1.2 x the covalent radii)."""
+    from forcecentric.data.label import _BOND_MULT_MINIMUM, _bond_set
 
     atoms = record.to_atoms()
-    nl = NeighborList(natural_cutoffs(atoms, mult=1.2), self_interaction=False, bothways=False, skin=0.0)
-    nl.update(atoms)
     symbols = atoms.get_chemical_symbols()
-    out = []
-    for i in range(len(atoms)):
-        for j in nl.get_neighbors(i)[0]:
-            a, b = sorted((symbols[i], symbols[j]))
-            out.append((i, int(j), f"{a}-{b}"))
-    return out
+    return [(i, j, "-".join(sorted((symbols[i], symbols[j])))) for i, j in sorted(_bond_set(atoms, _BOND_MULT_MINIMUM))]
 
 
 def bond_statistics(records, bonds) -> dict[str, dict[str, float]]:

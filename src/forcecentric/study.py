@@ -542,7 +542,7 @@ def _dft_normal_mode_frames(cfg: StudyConfig, target: str, tc: TargetConfig, dft
     relabels them with DFT, resumably. Minima and modes are kept in ``dft_sampler/``, so a killed run
     does not redo them."""
     from .data import read_all
-    from .data.label import (filter_frames, normal_modes, optimize_minimum, sample_normal_modes,
+    from .data.label import (_split, filter_frames, normal_modes, optimize_minimum, sample_normal_modes,
                              write_extxyz)
 
     spec = tc.dft_pool
@@ -581,10 +581,10 @@ def _dft_normal_mode_frames(cfg: StudyConfig, target: str, tc: TargetConfig, dft
         with np.load(modes_path) as f:
             modes.append((minimum, (f["modes"], f["reduced_masses"], f["eigenvalues"])))
     seeds = np.random.SeedSequence([spec.seed, zlib.crc32(target.encode())]).spawn(len(temperatures) * len(modes))
-    base, extra = divmod(spec.n, len(temperatures) * len(modes))
+    counts = _split(spec.n, len(temperatures) * len(modes), 0)
     frames = []
     for i, (T, (minimum, m)) in enumerate((T, mm) for T in temperatures for mm in modes):
-        n = base + (i < extra)
+        n = counts[i]
         samples = sample_normal_modes(minimum, n, temperature=T, seed=seeds[i], modes=m,
                                       min_wavenumber=float(settings.get("min_wavenumber", 100.0)),
                                       source=f"{target}-dft-sampler")
