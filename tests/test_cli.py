@@ -60,6 +60,26 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_key_value_options_share_one_parser_and_name_the_option(tmp_path, capsys):
+    """--set, --select and --only: a malformed item names its option and the expected form, before
+    any work starts; --set parses values as YAML, the others keep strings (--only splits commas)."""
+    from forcecentric.cli import _key_values, _overrides
+
+    assert _overrides(["trainer.max_epochs=3", "data.train=[a, b]", " model.cutoff =4.5", "a.b="]) == {
+        "trainer.max_epochs": 3, "data.train": ["a", "b"], "model.cutoff": 4.5, "a.b": None}
+    assert _key_values(["seed=1,2", "seed=3"], "--only", "KEY=V1,V2") == {"seed": "3"}
+    cases = [
+        (["pretrain", "--set", "trainer.max_epochs", "--run-dir", str(tmp_path / "r")], "--set expects KEY=VALUE"),
+        (["relabel", "x.extxyz", "--out", str(tmp_path / "o.extxyz"), "--select", "=1"], "--select expects KEY=VALUE"),
+        (["study", "--only", "molecule=", "--phase", "status"], "--only expects KEY=V1,V2 with KEY one of molecule"),
+        (["study", "--only", "molecules=ethanol"], "got 'molecules=ethanol'"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o.extxyz").exists()
+
+
 def test_label_then_build_data_then_evaluate(tmp_path, tiny_config, capsys):
     smi = tmp_path / "mols.smi"
     smi.write_text("smiles name\nCO methanol\nC=O formaldehyde\nCC(C)(C)(C)(C) impossible\n")

@@ -18,14 +18,24 @@ from . import __version__
 from .config import PRESETS_DIR, preset_path
 from .errors import ConfigError, ForceCentricError
 
-def _overrides(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _key_values(items: list[str] | None, option: str, form: str, *, keys: tuple[str, ...] | None = None,
+                need_value: bool = False) -> dict[str, str]:
+    """The KEY=VALUE items of a repeatable option, as raw strings (a later KEY wins); ``form`` is
+    what the error shows, e.g. "KEY=VALUE, e.g. temperature_K=500.0"."""
+    out: dict[str, str] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ForceCentricError(f"--set expects KEY=VALUE (dotted keys), got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or (need_value and not value) or (keys is not None and key not in keys):
+            allowed = f" with KEY one of {', '.join(keys)}" if keys is not None else ""
+            raise ConfigError(f"{option} expects {form}{allowed}; got {item!r}")
+        out[key] = value
     return out
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items: dotted keys, values parsed as YAML."""
+    return {k: yaml.safe_load(v) for k, v in _key_values(items, "--set", "KEY=VALUE (dotted keys)").items()}
 
 
 def _load_cfg(args, task: str, extra: dict[str, Any] | None = None):
@@ -272,12 +282,7 @@ def cmd_relabel(args) -> int:
     from .data.relabel import relabel_file
 
     dft = _dft_settings(args)
-    select = {}
-    for item in args.select:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--select {item!r}: expected KEY=VALUE, e.g. temperature_K=500.0")
-        select[key] = value
+    select = _key_values(args.select, "--select", "KEY=VALUE, e.g. temperature_K=500.0")
     report = relabel_file(args.inputs, args.out, args.method, n=args.n, seed=args.seed, select=select, dft=dft,
                           threads=args.threads, progress=not args.no_progress)
     print(json.dumps(report, indent=2))
@@ -356,17 +361,13 @@ def cmd_study(args) -> int:
     over = _overrides(args.set)
     if args.out:
         over["out"] = args.out
+    only = _key_values(args.only, "--only", "KEY=V1,V2", need_value=True,
+                       keys=("molecule", "setting", "model", "n_train", "seed", "finetune"))
+    filters = {key: values.split(",") for key, values in only.items()}
     cfg = load_study_config(args.config, over)
     if args.phase == "status":
         print(json.dumps(status(cfg), indent=2))
         return 0
-    filters = {}
-    for item in args.only or []:
-        key, _, values = item.partition("=")
-        if key not in ("molecule", "setting", "model", "n_train", "seed", "finetune") or not values:
-            raise ForceCentricError(f"--only expects KEY=V1,V2 with KEY one of molecule, setting, model, "
-                                    f"n_train, seed, finetune; got {item!r}")
-        filters[key] = values.split(",")
     out = run_study(cfg, phase=args.phase, workers=args.workers, accelerator=args.accelerator,
                     threads=args.threads, stop_after_minutes=args.stop_after, progress=not args.no_progress,
                     filters=filters)
