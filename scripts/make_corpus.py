@@ -164,9 +164,10 @@ def write_card(out: Path, card: Path) -> None:
 
 
 # sampling per molecule: one GFN2-xTB minimum, short Langevin MD at
-# 300 K and 600 K, normal-mode samples at 300, 600 and 1000 K
+# 300 K and 600 K, normal-mode samples at 300, 600 and 1000 K; --screen 0: conformers taken in
+# embedding order, as the bundled corpus was built (before the MMFF screen existed)
 CORPUS_LABEL_ARGS = [
-    "--conformers", "1", "--md-temperatures", "300", "600", "--md-frames", "3",
+    "--conformers", "1", "--screen", "0", "--md-temperatures", "300", "600", "--md-frames", "3",
     "--nm-temperatures", "300", "600", "1000", "--nm-samples", "5",
     "--md-equilibration", "60", "--md-interval", "20",
 ]

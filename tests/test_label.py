@@ -176,7 +176,9 @@ def test_embed_rejects_bad_input():
         L.embed("C.O", 1, name="mixture")
     confs = L.embed("CCO", 2, seed=3, name="ethanol")
     assert len(confs) == 2 and len(confs[0]) == 9
+    mmff_energy = confs[0].info.pop("mmff_energy")
     assert confs[0].info == {"mol_id": "ethanol", "smiles": "CCO", "charge": 0}
+    assert -1.0 < mmff_energy < 1.0  # eV: ethanol's MMFF94 energy is -1.3 kcal/mol
 
 
 def test_optimize_minimum_detects_fragmentation():
@@ -279,32 +281,60 @@ def test_relabel_xtb_replaces_labels_and_keeps_geometry_and_metadata(methanol):
         assert old.energy == -1.0 and np.all(old.forces == 1.0)  # the input records are not changed
 
 
-def test_label_embed_reaches_both_ethanol_rotamers(tmp_path):
-    """``forcecentric label --embed``: more RDKit conformers tried for the minima. ETKDG favours the
-    gauche hydroxyl rotamer of ethanol; with 30 embeddings the labeller finds both minima, gauche
-    (|H-O-C-C| about 60 degrees) and trans (180), which GFN2-xTB puts 67 meV apart."""
+def _hydroxyl_torsion(m) -> float:
+    """|H-O-C-C| of ethanol (degrees): about 60 for gauche, 180 for trans."""
+    o = int(np.where(m.numbers == 8)[0][0])
+    h = min((i for i in range(len(m)) if m.numbers[i] == 1), key=lambda i: m.get_distance(o, i))
+    c1 = min((i for i in range(len(m)) if m.numbers[i] == 6), key=lambda i: m.get_distance(o, i))
+    c2 = max((i for i in range(len(m)) if m.numbers[i] == 6), key=lambda i: m.get_distance(o, i))
+    x = m.get_dihedral(h, o, c1, c2)
+    return min(x, 360 - x)
+
+
+def test_rank_conformers_puts_each_mmff_minimum_first():
+    """ETKDG draws ethanol's gauche rotamer far more often than trans; ranking the MMFF-optimized
+    draws puts one of each distinct minimum first (lowest MMFF energy first), then the repeats."""
+    confs = L.embed("CCO", 30, seed=5, name="ethanol")
+    assert all(isinstance(c.info["mmff_energy"], float) for c in confs)
+    ranked = L.rank_conformers(confs)
+    assert len(ranked) == len(confs) and {id(c) for c in ranked} == {id(c) for c in confs}
+    torsions = [_hydroxyl_torsion(c) for c in ranked]
+    # MMFF94 has exactly two distinct minima (the two gauche are mirror images: same distances)
+    assert sorted(torsions[:2]) == [pytest.approx(60, abs=15), pytest.approx(180, abs=5)]
+    energies = [c.info["mmff_energy"] for c in ranked]
+    assert energies[0] < energies[1] and energies[2:] == sorted(energies[2:])
+    assert not L._same_geometry(ranked[0], ranked[1], energies[0], energies[1])
+    assert all(any(L._same_geometry(r, d, r.info["mmff_energy"], d.info["mmff_energy"]) for d in ranked[:2])
+               for r in ranked[2:])
+    with pytest.raises(ValueError, match="no MMFF energy"):
+        L.rank_conformers(L.embed("CCO", 2, seed=5, mmff=False))
+    with pytest.raises(ValueError, match="needs mmff=True"):
+        L.label_molecule("ethanol", "CCO", n_screen=10, mmff=False)
+
+
+def test_label_screen_reaches_both_ethanol_rotamers(tmp_path):
+    """``forcecentric label`` screens 50 MMFF conformers by default: two optimizations find both of
+    ethanol's minima, gauche (|H-O-C-C| about 60 degrees) and trans (180), which GFN2-xTB puts
+    67 meV apart. ``--screen 0 --embed 30`` (embedding order) also reaches both, with more
+    optimizations."""
+    import json
+
     from forcecentric.cli import main
     from forcecentric.data import read_all
 
     smi = tmp_path / "ethanol.smi"
     smi.write_text("CCO ethanol\n")
-    out = tmp_path / "labels"
-    assert main(["label", str(smi), "--out", str(out), "--conformers", "3", "--embed", "30", "--md-frames", "0",
-                 "--nm-samples", "0", "--workers", "1", "--no-progress"]) == 0
-    minima = [r.to_atoms() for r in read_all(out / "shard-00000.extxyz")]
-    assert len(minima) == 2 and all(m.info["equilibrium"] for m in minima)
-    angles = []
-    for m in minima:
-        o = int(np.where(m.numbers == 8)[0][0])
-        h = min((i for i in range(len(m)) if m.numbers[i] == 1), key=lambda i: m.get_distance(o, i))
-        c1 = min((i for i in range(len(m)) if m.numbers[i] == 6), key=lambda i: m.get_distance(o, i))
-        c2 = max((i for i in range(len(m)) if m.numbers[i] == 6), key=lambda i: m.get_distance(o, i))
-        x = m.get_dihedral(h, o, c1, c2)
-        angles.append(min(x, 360 - x))
-    assert sorted(angles) == [pytest.approx(56, abs=10), pytest.approx(180, abs=5)]
-    energies = {round(a): m.get_potential_energy() for a, m in zip(angles, minima)}
-    gap = energies[max(energies)] - energies[min(energies)]
-    assert 0.03 < gap < 0.1  # GFN2-xTB's trans - gauche, eV
-    import json
-
-    assert json.loads((out / "label_settings.json").read_text())["settings"]["n_embed"] == 30
+    for out, extra in ((tmp_path / "screened", ["--conformers", "2"]),
+                       (tmp_path / "embed30", ["--conformers", "3", "--screen", "0", "--embed", "30"])):
+        assert main(["label", str(smi), "--out", str(out), *extra, "--md-frames", "0", "--nm-samples", "0",
+                     "--workers", "1", "--no-progress"]) == 0
+        minima = [r.to_atoms() for r in read_all(out / "shard-00000.extxyz")]
+        assert len(minima) == 2 and all(m.info["equilibrium"] for m in minima)
+        angles = [_hydroxyl_torsion(m) for m in minima]
+        assert sorted(angles) == [pytest.approx(56, abs=10), pytest.approx(180, abs=5)]
+        energies = {round(a): m.get_potential_energy() for a, m in zip(angles, minima)}
+        gap = energies[max(energies)] - energies[min(energies)]
+        assert 0.03 < gap < 0.1  # GFN2-xTB's trans - gauche, eV
+    assert json.loads((tmp_path / "screened" / "label_settings.json").read_text())["settings"]["n_screen"] == 50
+    settings = json.loads((tmp_path / "embed30" / "label_settings.json").read_text())["settings"]
+    assert (settings["n_embed"], settings["n_screen"]) == (30, 0)

@@ -260,7 +260,9 @@ def cmd_label(args) -> int:
     molecules = []
     for path in args.inputs:
         molecules.extend(read_molecules(path))
-    extra = {} if args.embed is None else {"n_embed": args.embed}
+    extra = {"n_screen": args.screen}
+    if args.embed is not None:
+        extra["n_embed"] = args.embed
     if args.level == "dft":
         from .data.dft import require_pyscf
 
@@ -508,8 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-molecules", type=int, default=50, help="molecules per output shard")
     sp.add_argument("--conformers", type=int, default=2, help="distinct minima per molecule (at most)")
     sp.add_argument("--embed", type=int, default=None,
-                    help="RDKit conformers optimized in search of the minima (default: 3 x --conformers); ETKDG "
-                    "favours some rotamers: ethanol's 9 default embeddings all reach gauche, 30 also reach trans")
+                    help="RDKit conformers optimized in search of the minima (default: 3 x --conformers)")
+    sp.add_argument("--screen", type=int, default=50,
+                    help="RDKit conformers embedded and MMFF-optimized first; the --embed optimized are then the "
+                    "distinct MMFF minima, lowest first, so that rotamers ETKDG rarely draws are found (ethanol's "
+                    "trans: 3 of 30 ETKDG draws). 0 takes the conformers in embedding order, as the bundled "
+                    "corpus did")
     sp.add_argument("--md-temperatures", type=float, nargs="+", default=[300.0, 600.0, 900.0], help="MD temperatures (K)")
     sp.add_argument("--md-frames", type=int, default=2, help="MD frames kept per temperature")
     sp.add_argument("--md-equilibration", type=int, default=200, help="MD steps discarded before the first frame")

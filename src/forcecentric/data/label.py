@@ -24,7 +24,9 @@ The labeller turns ``(name, SMILES)`` pairs into labelled conformations, each an
 
 Pipeline for one molecule (:func:`label_molecule`):
 
-1. :func:`embed` — RDKit ETKDGv3 conformers (hydrogens added), optionally MMFF pre-optimized.
+1. :func:`embed` — RDKit ETKDGv3 conformers (hydrogens added), optionally MMFF pre-optimized;
+   with ``n_screen``, :func:`rank_conformers` puts one conformer of each distinct MMFF minimum
+   first, so that the rotamers ETKDG rarely draws are optimized too.
 2. :func:`optimize_minimum` — GFN2-xTB (tblite) BFGS minimization of each conformer, refusing
    runs that do not converge or in which the bond graph changes (fragmentation,
    rearrangement); duplicate minima (same sorted interatomic distances and energy) are dropped.
@@ -82,6 +84,7 @@ __all__ = [
     "INFO_KEYS",
     "SAMPLING_KINDS",
     "embed",
+    "rank_conformers",
     "xtb_calculator",
     "optimize_minimum",
     "sample_md",
@@ -292,7 +295,8 @@ def embed(
         name: Molecule name, stored as ``info["mol_id"]`` (defaults to the SMILES).
 
     Returns:
-        Unlabelled conformers with ``info`` keys ``mol_id``, ``smiles`` and ``charge``.
+        Unlabelled conformers with ``info`` keys ``mol_id``, ``smiles`` and ``charge``, and
+        ``mmff_energy`` (eV) when they were MMFF-optimized.
 
     Raises:
         DataError: unparsable SMILES, several fragments, open shell, or embedding failure.
@@ -330,16 +334,53 @@ def embed(
         conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
     if not conf_ids:
         raise DataError(f"molecule {name!r}: RDKit ETKDG could not embed SMILES {smiles!r}")
+    mmff_energies: list[float] | None = None
     if mmff and AllChem.MMFFHasAllMoleculeParams(mol):
-        AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=2000)
+        # one (not_converged, energy in kcal/mol) per conformer, in conformer order
+        result = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=2000)
+        mmff_energies = [float(e) * units.kcal / units.mol for _, e in result]
 
     numbers = [a.GetAtomicNum() for a in mol.GetAtoms()]
     out = []
-    for cid in conf_ids:
+    for k, cid in enumerate(conf_ids):
         atoms = Atoms(numbers=numbers, positions=mol.GetConformer(cid).GetPositions())
         atoms.info.update(mol_id=str(name), smiles=str(smiles), charge=charge)
+        if mmff_energies is not None:
+            atoms.info["mmff_energy"] = mmff_energies[k]
         out.append(atoms)
     return out
+
+
+def rank_conformers(conformers: Sequence[Atoms], dist_tol: float = 0.05, energy_tol: float = 2e-3) -> list[Atoms]:
+    """Order MMFF-optimized conformers from :func:`embed` as starting points for the minima.
+
+    One conformer of each distinct MMFF minimum comes first, lowest MMFF energy first, then the
+    repeats (same sorted interatomic distances within ``dist_tol`` Å and MMFF energy within
+    ``energy_tol`` eV, the test :func:`label_molecule` applies to its minima), also by energy.
+    ETKDG draws some rotamers far more often than others (of ethanol's 30 conformers with the
+    labeller's seed, 27 are gauche), so taking conformers in embedding order can spend every
+    optimization on one minimum; taking the distinct MMFF minima first reaches the others at
+    the cost of a force-field screen (a tenth of a second for 50 conformers of ethanol).
+
+    Raises:
+        ValueError: a conformer has no ``info["mmff_energy"]`` (RDKit had no MMFF94 parameters
+        for the molecule, or ``embed(..., mmff=False)``).
+    """
+    missing = [k for k, c in enumerate(conformers) if "mmff_energy" not in c.info]
+    if missing:
+        raise ValueError(f"conformers {missing[:5]} have no MMFF energy to rank them by (embed with mmff=True)")
+    order = sorted(range(len(conformers)), key=lambda k: conformers[k].info["mmff_energy"])
+    distinct: list[int] = []
+    repeats: list[int] = []
+    for k in order:
+        c = conformers[k]
+        same = any(
+            _same_geometry(c, conformers[j], c.info["mmff_energy"], conformers[j].info["mmff_energy"],
+                           dist_tol, energy_tol)
+            for j in distinct
+        )
+        (repeats if same else distinct).append(k)
+    return [conformers[k] for k in distinct + repeats]
 
 
 def xtb_calculator(charge: int = 0, accuracy: float = 1.0):
@@ -705,13 +746,20 @@ def filter_frames(
 # --------------------------------------------------------------------------------------------
 
 
-def _same_minimum(a: Atoms, b: Atoms, dist_tol: float = 0.05, energy_tol: float = 2e-3) -> bool:
-    """Same conformer up to rotation, translation and atom permutation (sorted distances)."""
-    if abs(a.get_potential_energy() - b.get_potential_energy()) > energy_tol:
+def _same_geometry(a: Atoms, b: Atoms, energy_a: float, energy_b: float, dist_tol: float = 0.05,
+                   energy_tol: float = 2e-3) -> bool:
+    """Same conformer up to rotation, translation and atom permutation (sorted distances), given
+    each one's energy (eV) at the level that optimized it."""
+    if abs(energy_a - energy_b) > energy_tol:
         return False
     da = np.sort(a.get_all_distances()[np.triu_indices(len(a), k=1)])
     db = np.sort(b.get_all_distances()[np.triu_indices(len(b), k=1)])
     return bool(np.abs(da - db).max() < dist_tol)
+
+
+def _same_minimum(a: Atoms, b: Atoms, dist_tol: float = 0.05, energy_tol: float = 2e-3) -> bool:
+    """Same labelled minimum (energies from their calculators), as :func:`_same_geometry`."""
+    return _same_geometry(a, b, a.get_potential_energy(), b.get_potential_energy(), dist_tol, energy_tol)
 
 
 def _split(total: int, parts: int, offset: int) -> list[int]:
@@ -735,6 +783,7 @@ def label_molecule(
     *,
     normal_mode_temperatures: Sequence[float] = (300.0, 500.0),
     n_embed: int | None = None,
+    n_screen: int = 0,
     mmff: bool = True,
     fmax: float = 0.01,
     opt_steps: int = 500,
@@ -753,7 +802,12 @@ def label_molecule(
     """Label one molecule: distinct GFN2-xTB (or ``dft``) minima, thermal MD frames, normal-mode samples.
 
     ``n_embed`` ETKDG conformers (default ``3 * n_conformers``) are optimized in turn until
-    ``n_conformers`` distinct minima are found (rigid molecules have one). Thermal samples are
+    ``n_conformers`` distinct minima are found (rigid molecules have one). With ``n_screen`` > 0,
+    that many conformers are embedded and MMFF-optimized first, and the ``n_embed`` optimized
+    are the distinct MMFF minima, lowest first (:func:`rank_conformers`): ETKDG's own draws can
+    miss a rotamer (ethanol's 9 default conformers are all gauche; screening 50 reaches trans
+    with 2 optimizations). ``n_screen=0`` (the default here, and what the bundled data used)
+    takes the conformers in embedding order; ``forcecentric label`` screens 50. Thermal samples are
     spread over the minima: at each MD temperature ``md_frames_per_T`` frames in total, and at
     each normal-mode temperature ``n_normal_mode`` samples in total, each minimum running its
     own trajectory / displacements. Frames failing :func:`filter_frames` are dropped and, when
@@ -769,7 +823,17 @@ def label_molecule(
     seq = np.random.SeedSequence([int(seed), zlib.crc32(name.encode())])
     s_embed, s_md, s_nm = seq.spawn(3)
     n_embed = 3 * n_conformers if n_embed is None else max(int(n_embed), n_conformers)
-    conformers = embed(smiles, n_embed, _seed_int(s_embed), mmff=mmff, name=name)
+    if n_screen and n_screen > 0:
+        if not mmff:
+            raise ValueError("n_screen ranks conformers by their MMFF energies: it needs mmff=True")
+        conformers = embed(smiles, max(int(n_screen), n_embed), _seed_int(s_embed), mmff=True, name=name)
+        if all("mmff_energy" in c.info for c in conformers):
+            conformers = rank_conformers(conformers)
+        else:
+            logger.warning("molecule %r: RDKit has no MMFF94 parameters for it; conformers not screened", name)
+        conformers = conformers[:n_embed]
+    else:
+        conformers = embed(smiles, n_embed, _seed_int(s_embed), mmff=mmff, name=name)
 
     minima: list[Atoms] = []
     problems: list[str] = []
