@@ -293,11 +293,12 @@ def _hydroxyl_torsion(m) -> float:
 
 def test_rank_conformers_puts_each_mmff_minimum_first():
     """ETKDG draws ethanol's gauche rotamer far more often than trans; ranking the MMFF-optimized
-    draws puts one of each distinct minimum first (lowest MMFF energy first), then the repeats."""
+    draws gives one of each distinct minimum (lowest MMFF energy first), and the repeats."""
     confs = L.embed("CCO", 30, seed=5, name="ethanol")
     assert all(isinstance(c.info["mmff_energy"], float) for c in confs)
-    ranked = L.rank_conformers(confs)
-    assert len(ranked) == len(confs) and {id(c) for c in ranked} == {id(c) for c in confs}
+    distinct, repeats = L.rank_conformers(confs)
+    ranked = distinct + repeats
+    assert len(distinct) == 2 and {id(c) for c in ranked} == {id(c) for c in confs} and len(ranked) == len(confs)
     torsions = [_hydroxyl_torsion(c) for c in ranked]
     # MMFF94 has exactly two distinct minima (the two gauche are mirror images: same distances)
     assert sorted(torsions[:2]) == [pytest.approx(60, abs=15), pytest.approx(180, abs=5)]
@@ -310,6 +311,33 @@ def test_rank_conformers_puts_each_mmff_minimum_first():
         L.rank_conformers(L.embed("CCO", 2, seed=5, mmff=False))
     with pytest.raises(ValueError, match="needs mmff=True"):
         L.label_molecule("ethanol", "CCO", n_screen=10, mmff=False)
+
+
+def test_screen_optimizes_each_mmff_minimum_once_and_falls_back_on_failures(monkeypatch):
+    """A rigid molecule has one MMFF minimum: the screen optimizes it once where embedding order
+    optimizes all n_embed conformers; the repeats are tried only when the distinct minima all
+    fail (here the first optimization is made to fail)."""
+    real = L.optimize_minimum
+    calls = []
+
+    def counted(atoms, *args, **kwargs):
+        calls.append(atoms)
+        if fail_first and len(calls) == 1:
+            raise DataError("made to fail")
+        return real(atoms, *args, **kwargs)
+
+    monkeypatch.setattr(L, "optimize_minimum", counted)
+    fail_first = False
+    plain = L.label_molecule("water", "O", n_conformers=3, md_frames_per_T=0, n_normal_mode=0)
+    assert len(plain) == 1 and len(calls) == 9
+    calls.clear()
+    screened = L.label_molecule("water", "O", n_conformers=3, n_screen=20, md_frames_per_T=0, n_normal_mode=0)
+    assert len(screened) == 1 and len(calls) == 1
+    calls.clear()
+    fail_first = True
+    rescued = L.label_molecule("water", "O", n_conformers=3, n_screen=20, md_frames_per_T=0, n_normal_mode=0)
+    assert len(rescued) == 1 and len(calls) == 2 and calls[1] is not calls[0]
+    assert rescued[0].get_potential_energy() == pytest.approx(screened[0].get_potential_energy(), abs=1e-4)
 
 
 def test_label_screen_reaches_both_ethanol_rotamers(tmp_path):

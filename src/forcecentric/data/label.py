@@ -25,8 +25,8 @@ The labeller turns ``(name, SMILES)`` pairs into labelled conformations, each an
 Pipeline for one molecule (:func:`label_molecule`):
 
 1. :func:`embed` — RDKit ETKDGv3 conformers (hydrogens added), optionally MMFF pre-optimized;
-   with ``n_screen``, :func:`rank_conformers` puts one conformer of each distinct MMFF minimum
-   first, so that the rotamers ETKDG rarely draws are optimized too.
+   with ``n_screen``, :func:`rank_conformers` keeps one conformer of each distinct MMFF minimum,
+   so that the rotamers ETKDG rarely draws are optimized too.
 2. :func:`optimize_minimum` — GFN2-xTB (tblite) BFGS minimization of each conformer, refusing
    runs that do not converge or in which the bond graph changes (fragmentation,
    rearrangement); duplicate minima (same sorted interatomic distances and energy) are dropped.
@@ -351,16 +351,18 @@ def embed(
     return out
 
 
-def rank_conformers(conformers: Sequence[Atoms], dist_tol: float = 0.05, energy_tol: float = 2e-3) -> list[Atoms]:
-    """Order MMFF-optimized conformers from :func:`embed` as starting points for the minima.
+def rank_conformers(
+    conformers: Sequence[Atoms], dist_tol: float = 0.05, energy_tol: float = 2e-3
+) -> tuple[list[Atoms], list[Atoms]]:
+    """Sort MMFF-optimized conformers from :func:`embed` into starting points for the minima.
 
-    One conformer of each distinct MMFF minimum comes first, lowest MMFF energy first, then the
+    Returns one conformer of each distinct MMFF minimum, lowest MMFF energy first, and the
     repeats (same sorted interatomic distances within ``dist_tol`` Å and MMFF energy within
     ``energy_tol`` eV, the test :func:`label_molecule` applies to its minima), also by energy.
     ETKDG draws some rotamers far more often than others (of ethanol's 30 conformers with the
     labeller's seed, 27 are gauche), so taking conformers in embedding order can spend every
-    optimization on one minimum; taking the distinct MMFF minima first reaches the others at
-    the cost of a force-field screen (a tenth of a second for 50 conformers of ethanol).
+    optimization on one minimum; taking the distinct MMFF minima reaches the others at the cost
+    of a force-field screen (a tenth of a second for 50 conformers of ethanol).
 
     Raises:
         ValueError: a conformer has no ``info["mmff_energy"]`` (RDKit had no MMFF94 parameters
@@ -380,7 +382,7 @@ def rank_conformers(conformers: Sequence[Atoms], dist_tol: float = 0.05, energy_
             for j in distinct
         )
         (repeats if same else distinct).append(k)
-    return [conformers[k] for k in distinct + repeats]
+    return [conformers[k] for k in distinct], [conformers[k] for k in repeats]
 
 
 def xtb_calculator(charge: int = 0, accuracy: float = 1.0):
@@ -803,11 +805,13 @@ def label_molecule(
 
     ``n_embed`` ETKDG conformers (default ``3 * n_conformers``) are optimized in turn until
     ``n_conformers`` distinct minima are found (rigid molecules have one). With ``n_screen`` > 0,
-    that many conformers are embedded and MMFF-optimized first, and the ``n_embed`` optimized
-    are the distinct MMFF minima, lowest first (:func:`rank_conformers`): ETKDG's own draws can
+    that many conformers are embedded and MMFF-optimized first, and the conformers optimized
+    are the distinct MMFF minima, lowest first, at most ``n_embed`` (:func:`rank_conformers`);
+    the repeats are tried only if none of them reaches a valid minimum. ETKDG's own draws can
     miss a rotamer (ethanol's 9 default conformers are all gauche; screening 50 reaches trans
-    with 2 optimizations). ``n_screen=0`` (the default here, and what the bundled data used)
-    takes the conformers in embedding order; ``forcecentric label`` screens 50. Thermal samples are
+    with 2 optimizations), and a rigid molecule costs one optimization instead of ``n_embed``.
+    ``n_screen=0`` (the default here, and what the bundled data used) takes the conformers in
+    embedding order; ``forcecentric label`` screens 50. Thermal samples are
     spread over the minima: at each MD temperature ``md_frames_per_T`` frames in total, and at
     each normal-mode temperature ``n_normal_mode`` samples in total, each minimum running its
     own trajectory / displacements. Frames failing :func:`filter_frames` are dropped and, when
@@ -823,22 +827,23 @@ def label_molecule(
     seq = np.random.SeedSequence([int(seed), zlib.crc32(name.encode())])
     s_embed, s_md, s_nm = seq.spawn(3)
     n_embed = 3 * n_conformers if n_embed is None else max(int(n_embed), n_conformers)
+    fallback: list[Atoms] = []  # tried only if no conformer of the first list reaches a minimum
     if n_screen and n_screen > 0:
         if not mmff:
             raise ValueError("n_screen ranks conformers by their MMFF energies: it needs mmff=True")
         conformers = embed(smiles, max(int(n_screen), n_embed), _seed_int(s_embed), mmff=True, name=name)
         if all("mmff_energy" in c.info for c in conformers):
-            conformers = rank_conformers(conformers)
+            conformers, fallback = rank_conformers(conformers)
         else:
             logger.warning("molecule %r: RDKit has no MMFF94 parameters for it; conformers not screened", name)
-        conformers = conformers[:n_embed]
+        conformers, fallback = conformers[:n_embed], fallback[:n_embed]
     else:
         conformers = embed(smiles, n_embed, _seed_int(s_embed), mmff=mmff, name=name)
 
     minima: list[Atoms] = []
     problems: list[str] = []
-    for k, conf in enumerate(conformers):
-        if len(minima) >= n_conformers:
+    for k, conf in enumerate(conformers + fallback):
+        if len(minima) >= n_conformers or (minima and k >= len(conformers)):
             break
         try:
             m = optimize_minimum(conf, fmax=fmax, steps=opt_steps, accuracy=accuracy, source=source, dft=dft)
