@@ -174,6 +174,10 @@ def test_embed_rejects_bad_input():
         L.embed("[CH3]", 1, name="methyl")
     with pytest.raises(DataError, match="disconnected"):
         L.embed("C.O", 1, name="mixture")
+    # RDKit gives every conformer the same coordinates at seed 0; embed maps it to another seed
+    for seed in (0, 3):
+        confs = L.embed("CCCCO", 12, seed=seed, mmff=False)
+        assert len({tuple(np.round(c.positions.ravel(), 3)) for c in confs}) == 12, seed
     confs = L.embed("CCO", 2, seed=3, name="ethanol")
     assert len(confs) == 2 and len(confs[0]) == 9
     mmff_energy = confs[0].info.pop("mmff_energy")

@@ -261,6 +261,9 @@ def relabel_xtb(records: Sequence, accuracy: float = 1.0, *, file: str | None = 
     return relabel(records, "xtb", xtb_accuracy=accuracy, file=file)
 
 
+_RDKIT_SEED_FOR_0 = 0x5EED
+
+
 def _seed_int(seed: int | np.random.SeedSequence) -> int:
     """A 31-bit integer seed (RDKit wants a signed int) from an int or SeedSequence."""
     if isinstance(seed, np.random.SeedSequence):
@@ -325,7 +328,9 @@ def embed(
     mol = Chem.AddHs(mol)
 
     params = AllChem.ETKDGv3()
-    params.randomSeed = _seed_int(seed)
+    # RDKit derives each conformer's seed from this one, and seed 0 gives every conformer the same
+    # coordinates (n copies of one conformer): map it to another fixed seed
+    params.randomSeed = _seed_int(seed) or _RDKIT_SEED_FOR_0
     params.numThreads = 1
     conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
     if not conf_ids:
