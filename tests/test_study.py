@@ -829,3 +829,21 @@ def test_geometry_benchmark_finds_and_measures_a_torsion():
         rec = Conformation(z=atoms.numbers, pos=atoms.positions)
         assert abs_dihedral(rec, path) == pytest.approx(min(angle, 360 - angle), abs=1e-6)
     assert dihedral_path(rec, ["N", "O", "C", "C"]) is None
+
+
+def test_corpus_conformer_benchmark_counts_minima_and_reads_the_corpus_minimum():
+    """benchmarks/corpus_conformers.py: distinct MMFF and GFN2-xTB minima of one molecule with and
+    without the labeller's screen, and the corpus's own minimum energy of a molecule it holds."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from corpus_conformers import corpus_minima, one_molecule
+
+    row = one_molecule("water", "O", seed=0)
+    assert (row["mmff_minima_9"], row["mmff_minima_50"]) == (1, 1)
+    for key in ("embedding_order", "screened"):
+        assert row[key]["xtb_minima"] == 1 and row[key]["energies_above_lowest_eV"] == [0.0]
+    assert row["screened"]["lowest_energy_eV"] == pytest.approx(row["embedding_order"]["lowest_energy_eV"], abs=1e-4)
+    energies = corpus_minima({"freesolv_2", "not-in-the-corpus"})
+    assert list(energies) == ["freesolv_2"] and -600 < energies["freesolv_2"] < -100  # C5H10, GFN2-xTB eV
