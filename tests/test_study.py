@@ -847,3 +847,28 @@ def test_corpus_conformer_benchmark_counts_minima_and_reads_the_corpus_minimum()
     assert row["screened"]["lowest_energy_eV"] == pytest.approx(row["embedding_order"]["lowest_energy_eV"], abs=1e-4)
     energies = corpus_minima({"freesolv_2", "not-in-the-corpus"})
     assert list(energies) == ["freesolv_2"] and -600 < energies["freesolv_2"] < -100  # C5H10, GFN2-xTB eV
+
+
+def test_corpus_bond_benchmark_measures_stretch_from_the_minimum():
+    """benchmarks/corpus_bonds.py: each frame's bond lengths against the molecule's minimum, and the
+    labels' bond force, averaged per kind of frame and bond type."""
+    import sys
+    from collections import defaultdict
+    from pathlib import Path
+
+    from forcecentric.data.conformation import Conformation
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from corpus_bonds import LAYOUT, bond_shifts, summarize
+
+    assert len(LAYOUT) == 22 and LAYOUT.count("nm 1000 K") == 5  # the bundled corpus's CORPUS.md
+    z = np.array([8, 1, 1])
+    minimum = Conformation(z=z, pos=np.array([[0.0, 0, 0], [0.96, 0, 0], [0, 0.96, 0]]), equilibrium=True)
+    frames = [Conformation(z=z, pos=np.array([[0.0, 0, 0], [0.96 + d, 0, 0], [0, 0.96, 0]]), energy=0.0,
+                           forces=np.array([[f, 0, 0], [-f, 0, 0], [0, 0, 0]])) for d, f in ((0.04, 0.5), (0.02, 0.3))]
+    acc = defaultdict(lambda: defaultdict(list))
+    bond_shifts(minimum, frames, ["nm", "nm"], acc)
+    stats = summarize(acc)["nm"]["H-O"]
+    assert stats["n"] == 4  # two bonds in each of two frames
+    assert stats["stretch_mean_A"] == pytest.approx(0.015)  # (0.04 + 0 + 0.02 + 0) / 4
+    assert stats["bond_force_mean_meV_A"] == pytest.approx(-200.0)  # labels pull the stretched bond in
