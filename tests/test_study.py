@@ -105,7 +105,7 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
         ("target_in_pretraining", "forces_only_cont"), ("target_in_pretraining", "forces_only_cont_w50"),
         ("target_in_pretraining", "forces_only_cont_w50_800"), ("target_in_pretraining", "forces_only_cont_pool_800"),
         ("target_in_pretraining", "forces_only_cont_methanol_800"), ("unseen", "full_denoise0.01"),
-        ("unseen", "forces_only_mol25"), ("unseen", "forces_only_cont_1489")}
+        ("unseen", "forces_only_mol25"), ("unseen", "forces_only_cont_1489"), ("unseen", "forces_only_mdconf3_mol25")}
     # the full objective with the denoising weight at a tenth, bound to full's own steps (a CPU run)
     light = {j.key["model"]: j.config for j in pre if j.key["model"] in ("full", "full_denoise0.01")}
     assert light["full_denoise0.01"]["loss"] == {**light["full"]["loss"], "denoise": 0.01}
@@ -116,6 +116,12 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert {k: small["forces_only_mol25"]["data"][k] for k in ("train", "split_by_molecule", "n_train", "n_val")} == {
         "train": ["bundled:corpus"], "split_by_molecule": True, "n_train": 270, "n_val": 25}
     assert (small["forces_only_mol25"]["trainer"]["max_steps"], small["forces_only_mol25"]["trainer"]["max_time_minutes"]) == (1489, None)
+    # the same on 270 molecules of a corpus with up to 3 minima and MD frames only (built by make_corpus.py)
+    md = next(j.config for j in pre if j.key["model"] == "forces_only_mdconf3_mol25")
+    assert md["data"]["train"] == ["runs/corpus_md_conf3/store300"] and md["loss"] == small["forces_only"]["loss"]
+    for k in ("split_by_molecule", "n_train", "n_val"):
+        assert md["data"][k] == small["forces_only_mol25"]["data"][k]
+    assert md["trainer"] == small["forces_only_mol25"]["trainer"]
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
@@ -153,7 +159,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
                      "forces_only_cont": {1.0e-3}, "forces_only_cont_w50": {1.0e-3},
                      "forces_only_cont_w50_800": {1.0e-3}, "forces_only_cont_pool_800": {1.0e-3},
                      "forces_only_cont_methanol_800": {1.0e-3}, "full_denoise0.01": {1.0e-3},
-                     "forces_only_mol25": {1.0e-3}, "forces_only_cont_1489": {1.0e-3}}
+                     "forces_only_mol25": {1.0e-3}, "forces_only_cont_1489": {1.0e-3},
+                     "forces_only_mdconf3_mol25": {1.0e-3}}
     # the issue's largest size: scratch and the four objectives at the preset rate (the pool holds 1,000 frames)
     big = {(j.key["model"], j.key["finetune"]) for j in jobs if j.key["n_train"] == 1000 and j.key["molecule"] == "ethanol"}
     assert big == {(m, "default") for m in ("scratch", *OBJECTIVES)}
@@ -509,6 +516,28 @@ def test_a_continued_pretraining_waits_for_its_parent_and_starts_from_it(tmp_pat
     cfg_dict["pretrain"]["settings"]["target_in_pretraining"] = ["forces_only"]
     assert _xtb_targets(load_study_config(_write(tmp_path, cfg_dict))) == [
         ("asp", "CC(=O)Oc1ccccc1C(=O)O"), ("eth", "CCO")]
+
+
+def test_a_pretraining_on_a_corpus_not_built_here_is_skipped_with_a_message(tmp_path, caplog):
+    """An ablation whose data.train names a corpus that does not exist (one built by a script, like
+    the study_paper preset's forces_only_mdconf3_mol25) is left out with a message naming the
+    path; the other pre-trainings run, and it runs once the corpus is there."""
+    cfg_dict = _config(tmp_path)
+    missing = tmp_path / "corpus_not_built"
+    cfg_dict["pretrain"]["ablations"]["other_corpus"] = {"base": "forces_only", "data.train": [str(missing)]}
+    cfg_dict["pretrain"]["settings"]["unseen"] = ["other_corpus", "forces_only"]
+    cfg = load_study_config(_write(tmp_path, cfg_dict))
+    assert {j.key["model"]: j.config["data"]["train"] for j in pretrain_jobs(cfg)}["other_corpus"] == [str(missing)]
+    with caplog.at_level("WARNING", logger="forcecentric"):
+        out = run_study(cfg, phase="pretrain", workers=1, progress=False)
+    assert [(r["ok"], r["run_dir"].split("/")[-1]) for r in out["pretrain"]] == [(True, "forces_only")]
+    assert any("other_corpus" in m and str(missing) in m and "does not exist" in m for m in caplog.messages)
+    assert status(cfg)["pretrain"]["done"] == 1
+    from forcecentric.train.datamodule import resolve_path
+
+    shutil.copy(resolve_path("bundled:demo_pretrain"), missing)  # now it is there
+    out = run_study(cfg, phase="pretrain", workers=1, progress=False)
+    assert [(r["ok"], r["run_dir"].split("/")[-1]) for r in out["pretrain"]] == [(True, "other_corpus")]
 
 
 def test_a_pretraining_with_a_targets_pool_trains_on_it_and_is_not_finetuned_on_that_target(tmp_path):

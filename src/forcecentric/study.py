@@ -637,14 +637,22 @@ def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", thread
              stop_after_minutes: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run the jobs that are not done (in order, ``workers`` at a time, one fresh process per
     job). A job whose starting model is missing is skipped with a message, unless another of
-    ``jobs`` makes it: then it waits for that one. After ``stop_after_minutes`` no new job
-    starts; running ones finish."""
+    ``jobs`` makes it: then it waits for that one. So is a job whose training data is missing (a
+    corpus an ablation names that has not been built here). After ``stop_after_minutes`` no new
+    job starts; running ones finish."""
+    from .train.datamodule import BUNDLED_PREFIX
+
     made = {j.run_dir / "model.ckpt" for j in jobs if not j.done}
     ready = []
     for j in jobs:
         if j.done:
             continue
-        if j.needs is None or j.needs.is_file() or j.needs in made:
+        absent = [str(f) for f in j.config.get("data", {}).get("train") or []
+                  if not str(f).startswith(BUNDLED_PREFIX) and not Path(f).exists()]
+        if absent:
+            log.warning("skipping %s: its training data %s does not exist (the study config says how to "
+                        "build it)", j.run_dir, absent)
+        elif j.needs is None or j.needs.is_file() or j.needs in made:
             ready.append(j)
         else:
             log.warning("skipping %s: pre-trained model %s does not exist yet", j.run_dir, j.needs)
