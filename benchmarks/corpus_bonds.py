@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_geometry import bonds_of  # noqa: E402
+from study_geometry import bond_length_and_force, bonds_of  # noqa: E402
 
 from forcecentric.data.store import Store  # noqa: E402
 from forcecentric.evaluation import write_json  # noqa: E402
@@ -43,13 +43,11 @@ BOND_TYPES = ("C-H", "H-O", "H-N", "C-C", "C-O", "C-N")
 
 def bond_shifts(minimum, frames, labels, acc) -> None:
     """Add each frame's (length - minimum's length, bond force) per bond to ``acc[label][type]``."""
-    bonds = bonds_of(minimum)
+    bonds = [(i, j, kind, bond_length_and_force(minimum, i, j)[0]) for i, j, kind in bonds_of(minimum)]
     for label, r in zip(labels, frames):
-        for i, j, kind in bonds:
-            vec = r.pos[j] - r.pos[i]
-            dist = float(np.linalg.norm(vec))
-            dist0 = float(np.linalg.norm(minimum.pos[j] - minimum.pos[i]))
-            acc[label][kind].append((dist - dist0, 0.5 * float((r.forces[j] - r.forces[i]) @ vec) / dist))
+        for i, j, kind, dist0 in bonds:
+            dist, force = bond_length_and_force(r, i, j)
+            acc[label][kind].append((dist - dist0, force))
 
 
 def summarize(acc) -> dict:

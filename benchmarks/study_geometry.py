@@ -52,6 +52,16 @@ def bonds_of(record) -> list[tuple[int, int, str]]:
     return [(i, j, "-".join(sorted((symbols[i], symbols[j])))) for i, j in sorted(_bond_set(atoms, _BOND_MULT_MINIMUM))]
 
 
+def bond_length_and_force(record, i: int, j: int) -> tuple[float, float | None]:
+    """Length of bond i-j (Å) and its bond force (eV/Å, None without forces): half the difference
+    of the two atoms' forces projected on the bond, positive when the labels push it longer."""
+    vec = record.pos[j] - record.pos[i]
+    dist = float(np.linalg.norm(vec))
+    if record.forces is None:
+        return dist, None
+    return dist, 0.5 * float((record.forces[j] - record.forces[i]) @ vec) / dist
+
+
 def bond_statistics(records, bonds) -> dict[str, dict[str, float]]:
     """Per bond type: length mean and std (Å), and mean bond force and its standard error (meV/Å)
     over frames (each frame's value averaged over that type's bonds)."""
@@ -59,11 +69,10 @@ def bond_statistics(records, bonds) -> dict[str, dict[str, float]]:
     for r in records:
         per_len, per_force = defaultdict(list), defaultdict(list)
         for i, j, kind in bonds:
-            vec = r.pos[j] - r.pos[i]
-            dist = float(np.linalg.norm(vec))
+            dist, force = bond_length_and_force(r, i, j)
             per_len[kind].append(dist)
-            if r.forces is not None:
-                per_force[kind].append(0.5 * float((r.forces[j] - r.forces[i]) @ vec) / dist)
+            if force is not None:
+                per_force[kind].append(force)
         for kind in per_len:
             lengths[kind].append(np.mean(per_len[kind]))
             if per_force[kind]:
