@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -275,7 +276,8 @@ def test_md_benchmark_end_to_end(tmp_path, model_path, morse_file, capsys):
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["md-benchmark", "-c", str(path), "--no-progress"]) == 0
+    # in worker processes (one torch thread each); the resume below runs in this process
+    assert main(["md-benchmark", "-c", str(path), "--no-progress", "--workers", "2"]) == 0
     report = json.loads((tmp_path / "bench" / "md_benchmark.json").read_text())
     assert len(report["runs"]) == 2 * 2 * 2 and len(report["table"]) == 4
     assert all(0 <= r["hr_mae"] <= 2 for r in report["runs"])
@@ -292,10 +294,15 @@ def test_md_benchmark_end_to_end(tmp_path, model_path, morse_file, capsys):
     err = capsys.readouterr().err
     assert "silane" in err and "Si" in err and "model 'a'" in err
     assert not (tmp_path / "bench2" / "runs").exists()
-    # a second call re-analyses without re-running
-    mtime = (tmp_path / "bench" / "runs" / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime
+    # a second call re-analyses without re-running, and runs only what is missing
+    runs = tmp_path / "bench" / "runs"
+    mtime = (runs / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime
+    shutil.rmtree(runs / "b" / "water" / "seed1")
     assert main(["md-benchmark", "-c", str(path), "--no-progress"]) == 0
-    assert (tmp_path / "bench" / "runs" / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime == mtime
+    assert (runs / "a" / "water" / "seed0" / "trajectory.extxyz").stat().st_mtime == mtime
+    assert (runs / "b" / "water" / "seed1" / "trajectory.extxyz").stat().st_size > 0
+    again = json.loads((tmp_path / "bench" / "md_benchmark.json").read_text())
+    assert len(again["runs"]) == len(report["runs"])
 
 
 def test_ase_trajectory_format_and_resume(tmp_path):

@@ -131,6 +131,22 @@ def test_label_properties_records_and_round_trip(tmp_path):
             assert isinstance(c.info[key], float) and c.info[key] == pytest.approx(a.info[key], abs=1e-10)
 
 
+def test_label_properties_in_worker_processes_matches_one_process():
+    """workers=2 runs the same calculations in spawned processes (the pool terminates them if the
+    caller is killed) and returns the same records, in order, with the failure in its place."""
+    water, ammonia = molecule("H2O"), molecule("NH3")
+    water.info["mol_id"], ammonia.info["mol_id"] = "water", "ammonia"
+    records = [water, molecule("CH3"), ammonia]
+    one, two = [], []
+    serial = L.label_properties(records, workers=1, failures=one)
+    parallel = L.label_properties(records, workers=2, failures=two)
+    assert [a.info["mol_id"] for a in parallel] == ["water", "ammonia"]
+    assert [f[:2] for f in two] == [f[:2] for f in one] == [(1, "CH3")]
+    for a, b in zip(serial, parallel):
+        for key in PROPS:
+            assert b.info[key] == pytest.approx(a.info[key], abs=1e-8), key
+
+
 @pytest.mark.skipif(not BUNDLED.is_file(), reason="bundled property set not built")
 def test_bundled_property_set_reads_back():
     records = read_all(BUNDLED)

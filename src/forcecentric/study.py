@@ -26,7 +26,6 @@ import json
 import logging
 import multiprocessing as mp
 import shutil
-import signal
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pydantic import Field
 
 from .config import RunConfig, _Strict, apply_overrides, load_yaml, preset_path, validate
 from .data.conformation import matches
+from .workers import sigterm_unwinds
 from .errors import ConfigError, DataError
 
 log = logging.getLogger("forcecentric")
@@ -663,17 +663,12 @@ def run_jobs(jobs: list[Job], workers: int = 1, accelerator: str = "cpu", thread
     bar = tqdm(total=len(ready), desc="study jobs", unit="run", disable=not progress)
     # a SIGTERM (kill, timeout, a batch system) unwinds through the pool's context manager,
     # which terminates the workers instead of leaving them to run on without a parent
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        results = _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar)
+        with sigterm_unwinds():
+            results = _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         bar.close()
     return results
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def _drive_pool(ready, workers, accelerator, threads, stop_after_minutes, bar) -> list[dict[str, Any]]:

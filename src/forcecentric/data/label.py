@@ -61,7 +61,6 @@ import dataclasses
 import functools
 import logging
 import math
-import multiprocessing
 import os
 import tempfile
 import zlib
@@ -75,6 +74,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..errors import DataError
+from ..workers import process_pool
 from .conformation import closest_pair
 from .dft import DFTSettings
 
@@ -1002,10 +1002,7 @@ def label_molecules(
         for name, smi, extra in entries:
             results[name] = _label_task(name, smi, {**task_kwargs, **extra})
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(
-            max_workers=min(n_workers, len(entries)), mp_context=ctx, initializer=_init_worker
-        ) as pool:
+        with process_pool(min(n_workers, len(entries)), initializer=_init_worker) as pool:
             futures = {
                 pool.submit(_label_task, name, smi, {**task_kwargs, **extra}): name
                 for name, smi, extra in entries
@@ -1571,11 +1568,8 @@ def label_properties(
                 if bar is not None:
                     bar.update(1)
         else:
-            ctx = multiprocessing.get_context("spawn")
             try:
-                with cf.ProcessPoolExecutor(
-                    max_workers=min(workers, len(payloads)), mp_context=ctx, initializer=_init_worker
-                ) as pool:
+                with process_pool(min(workers, len(payloads)), initializer=_init_worker) as pool:
                     for res in pool.map(_properties_task, payloads, chunksize=max(1, int(chunksize))):
                         results.append(res)
                         if bar is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +158,11 @@ def run_benchmark(cfg: BenchmarkConfig, workers: int = 1, progress: bool = True)
     for t in tasks:
         t["threads"] = threads
     if workers > 1:
-        from multiprocessing import get_context
-
         from tqdm.auto import tqdm
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        from ..workers import process_pool
+
+        with process_pool(workers) as pool:
             futures = [pool.submit(_run_one, t) for t in tasks]
             for f in tqdm(futures, desc="MD runs", disable=not progress):
                 f.result()
