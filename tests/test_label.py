@@ -185,6 +185,35 @@ def test_embed_rejects_bad_input():
     assert -1.0 < mmff_energy < 1.0  # eV: ethanol's MMFF94 energy is -1.3 kcal/mol
 
 
+def _stereo_smiles(atoms) -> str:
+    """The stereoisomer a geometry is (bonds and stereochemistry perceived from 3D)."""
+    from rdkit import Chem
+    from rdkit.Chem import rdDetermineBonds
+
+    xyz = f"{len(atoms)}\n\n" + "\n".join(f"{s} {x} {y} {z}" for s, (x, y, z) in
+                                         zip(atoms.get_chemical_symbols(), atoms.positions))
+    mol = Chem.MolFromXYZBlock(xyz)
+    rdDetermineBonds.DetermineBonds(mol, charge=0)
+    Chem.AssignStereochemistryFrom3D(mol)
+    return Chem.MolToSmiles(Chem.RemoveHs(mol))
+
+
+@pytest.mark.parametrize("smiles", ["CC(O)CC(C)N", "OC1CCC(O)CC1", "CC=CC(C)O"])
+def test_embed_fixes_one_stereoisomer_when_the_smiles_leaves_it_open(smiles):
+    """ETKDG alone draws each conformer's unspecified centres and double bonds at random, so the
+    conformers would be a mixture of diastereomers; embed gives all of them one stereoisomer."""
+    from rdkit import Chem
+
+    isomers = {_stereo_smiles(c) for c in L.embed(smiles, 12, seed=7)}
+    assert len(isomers) == 1
+    assert Chem.MolToSmiles(Chem.MolFromSmiles(next(iter(isomers))), isomericSmiles=False) == \
+        Chem.MolToSmiles(Chem.MolFromSmiles(smiles))
+    # stereochemistry written in the SMILES is kept, whichever it is
+    for given in ("C[C@H](O)C[C@@H](C)N", "C[C@@H](O)C[C@@H](C)N"):
+        found = {_stereo_smiles(c) for c in L.embed(given, 6, seed=7)}
+        assert found == {Chem.MolToSmiles(Chem.MolFromSmiles(given))}
+
+
 def test_optimize_minimum_detects_fragmentation():
     argon = Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 2.0]], info={"mol_id": "argon_dimer"})
     with pytest.raises(DataError, match="argon_dimer.*fragmented"):

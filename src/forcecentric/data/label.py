@@ -303,6 +303,10 @@ def embed(
 
     Raises:
         DataError: unparsable SMILES, several fragments, open shell, or embedding failure.
+
+    Stereochemistry the SMILES leaves open is fixed once, so that every conformer is of the same
+    stereoisomer (the first of RDKit's enumeration that embeds); write it into the SMILES
+    (``C[C@H](O)CC``, ``F/C=C/F``) to choose another.
     """
     from rdkit import Chem
     from rdkit.Chem import AllChem
@@ -325,18 +329,25 @@ def embed(
             "electrons); only closed-shell molecules are supported"
         )
     charge = int(Chem.GetFormalCharge(mol))
-    mol = Chem.AddHs(mol)
 
     params = AllChem.ETKDGv3()
     # RDKit derives each conformer's seed from this one, and seed 0 gives every conformer the same
     # coordinates (n copies of one conformer): map it to another fixed seed
     params.randomSeed = _seed_int(seed) or _RDKIT_SEED_FOR_0
     params.numThreads = 1
-    conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
-    if not conf_ids:
-        # Large or strained systems sometimes need random initial coordinates.
-        params.useRandomCoords = True
+    conf_ids: list[int] = []
+    # ETKDG draws an unspecified stereocentre or double bond at random for each conformer, so the
+    # "conformers" of CC(O)CC(C)N would mix its diastereomers: fix one stereoisomer for all of them
+    for isomer in _stereoisomers(mol):
+        mol = Chem.AddHs(isomer)
         conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
+        if not conf_ids:
+            # Large or strained systems sometimes need random initial coordinates.
+            params.useRandomCoords = True
+            conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
+            params.useRandomCoords = False
+        if conf_ids:
+            break
     if not conf_ids:
         raise DataError(f"molecule {name!r}: RDKit ETKDG could not embed SMILES {smiles!r}")
     mmff_energies: list[float] | None = None
@@ -354,6 +365,20 @@ def embed(
             atoms.info["mmff_energy"] = mmff_energies[k]
         out.append(atoms)
     return out
+
+
+def _stereoisomers(mol, limit: int = 8):
+    """``mol`` itself when its stereochemistry is fully specified (or it has none); otherwise up to
+    ``limit`` of its stereoisomers with every unspecified centre and double bond assigned, in
+    RDKit's fixed enumeration order (the first one that embeds is used)."""
+    from rdkit import Chem
+    from rdkit.Chem.EnumerateStereoisomers import EnumerateStereoisomers, StereoEnumerationOptions
+
+    unspecified = [s for s in Chem.FindPotentialStereo(mol) if s.specified == Chem.StereoSpecified.Unspecified]
+    if not unspecified:
+        return [mol]
+    options = StereoEnumerationOptions(onlyUnassigned=True, unique=True, maxIsomers=limit)
+    return list(EnumerateStereoisomers(mol, options=options)) or [mol]
 
 
 def rank_conformers(
