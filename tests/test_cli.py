@@ -103,6 +103,22 @@ def test_label_then_build_data_then_evaluate(tmp_path, tiny_config, capsys):
     st = built["statistics"]
     assert st["n_equilibrium"] == 2 and st["n_off_equilibrium"] >= 6
     assert st["levels_of_theory"] == {"GFN2-xTB": st["n_conformations"]}
+    # the labeller's sampling kind selects records: minima and MD frames without the normal modes
+    from forcecentric.data import read_all
+
+    kinds = [c.info["sampling"] for f in shards for c in read_all(f)]
+    assert main(["build-data", *shards, "--out", str(tmp_path / "no_nm"), "--no-progress",
+                 "--exclude", "sampling=normal_mode"]) == 0
+    no_nm = json.loads(capsys.readouterr().out)
+    assert no_nm["n_not_selected"] == kinds.count("normal_mode") >= 2
+    assert no_nm["n_kept"] == kinds.count("md") + kinds.count("minimum") == st["n_conformations"] - kinds.count("normal_mode")
+    assert no_nm["statistics"]["n_equilibrium"] == 2 and no_nm["options"]["exclude"] == {"sampling": "normal_mode"}
+    assert main(["build-data", *shards, "--out", str(tmp_path / "md"), "--no-progress",
+                 "--select", "sampling=md", "--select", "mol_id=methanol"]) == 0
+    md = json.loads(capsys.readouterr().out)
+    assert md["n_kept"] == 2 and md["statistics"]["n_equilibrium"] == 0
+    assert main(["build-data", *shards, "--out", str(tmp_path / "bad"), "--exclude", "sampling"]) == 2
+    assert "--exclude expects KEY=VALUE" in capsys.readouterr().err
     torch.manual_seed(0)
     model = ForceField(tiny_config)
     model.elements = [1, 6, 8]

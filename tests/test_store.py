@@ -224,6 +224,37 @@ def test_build_killed_midway_resumes_to_the_same_store(tmp_path, monkeypatch):
     assert a.statistics() == b.statistics()
 
 
+def test_build_select_and_exclude_resume_and_refuse_other_choices(tmp_path):
+    records = _records_with_problems(40)
+    for i, r in enumerate(records):
+        r.info["sampling"] = "normal_mode" if i % 3 == 0 else "md"
+    clean = build_store(["in.xyz"], tmp_path / "clean", reader=_reader(records), shard_size=8, progress=False,
+                        exclude={"sampling": "normal_mode"})
+    n_nm = sum(r.info["sampling"] == "normal_mode" for r in records)
+    # the three problem records (5: NaN, 17: atoms too close, 31: duplicate of 2) are md frames:
+    # checked and dropped as before; the normal-mode ones are not checked, only counted
+    assert clean["n_not_selected"] == n_nm and clean["n_read"] == 40
+    assert clean["n_kept"] == 40 - n_nm - 3 and clean["n_dropped"] == 3
+    assert clean["dropped_by_reason"] == {"atoms_too_close": 1, "duplicate": 1, "nan_or_inf": 1}
+    out = tmp_path / "killed"
+    with pytest.raises(Boom):
+        build_store(["in.xyz"], out, reader=_reader(records, fail_at=30), shard_size=8, progress=False,
+                    exclude={"sampling": "normal_mode"})
+    with pytest.raises(DataError, match="cannot resume with different options"):
+        build_store(["in.xyz"], out, reader=_reader(records), shard_size=8, progress=False, resume=True)
+    report = build_store(["in.xyz"], out, reader=_reader(records), shard_size=8, progress=False, resume=True,
+                         exclude={"sampling": "normal_mode"})
+    assert report["resumed"]
+    for key in ("n_read", "n_kept", "n_dropped", "n_not_selected"):
+        assert report[key] == clean[key], key
+    np.testing.assert_array_equal(Store(out).hashes(), Store(tmp_path / "clean").hashes())
+    selected = build_store(["in.xyz"], tmp_path / "sel", reader=_reader(records), progress=False,
+                           select={"sampling": "normal_mode"})
+    assert selected["n_kept"] == n_nm and selected["n_not_selected"] == 40 - n_nm
+    with pytest.raises(DataError, match="select must map"):
+        build_store(["in.xyz"], tmp_path / "x", reader=_reader(records), progress=False, select=["sampling"])
+
+
 def test_build_store_drops_and_reports(tmp_path):
     import ase.io
     from ase import Atoms

@@ -389,6 +389,9 @@ def cmd_build_data(args) -> int:
         args.inputs, args.out, format=args.format, max_force=args.max_force,
         min_distance=args.min_distance, dedup=not args.no_dedup, shard_size=args.shard_size,
         progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
+        select=_key_values(args.select, "--select", "KEY=VALUE, e.g. source=rmd17", need_value=True) or None,
+        exclude=_key_values(args.exclude, "--exclude", "KEY=VALUE, e.g. sampling=normal_mode",
+                            need_value=True) or None,
     )
     keep = {k: v for k, v in report.items() if k not in ("dropped",)}
     print(json.dumps(keep, indent=2, default=str))
@@ -580,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-distance", type=float, default=0.1, help="minimum interatomic distance (A)")
     sp.add_argument("--shard-size", type=int, default=100_000, help="conformations per shard")
     sp.add_argument("--no-dedup", action="store_true", help="keep duplicate conformations")
+    sp.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
+                    help="store only records with this value (mol_id, source, level_of_theory or an extxyz info "
+                    "key); repeat for several, all must match")
+    sp.add_argument("--exclude", action="append", default=[], metavar="KEY=VALUE",
+                    help="leave out records with this value, e.g. sampling=normal_mode for a labelled corpus's "
+                    "minima and MD frames only; repeat for several, a record with all of them is left out")
     sp.add_argument("--resume", action="store_true", help="continue a killed build")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing store")
     sp.add_argument("--no-progress", action="store_true")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .conformation import MIN_DISTANCE, Conformation
+from .conformation import MIN_DISTANCE, Conformation, matches
 from .store import MANIFEST, StoreWriter, atomic_write_json, read_manifest
 
 __all__ = ["build_store", "classify_problem", "REPORT", "DROPPED"]
@@ -93,6 +93,8 @@ def build_store(
     report_limit: int = 1000,
     reader: Reader | None = None,
     read_kwargs: dict | None = None,
+    select: dict[str, Any] | None = None,
+    exclude: dict[str, Any] | None = None,
 ) -> dict:
     """Read, check, dedup and store every record of ``inputs`` into the store ``out``.
 
@@ -114,6 +116,13 @@ def build_store(
         reader: ``reader(path) -> iterable of Conformation`` replacing ``read`` (tests,
             benchmarks, custom sources); records are still checked here.
         read_kwargs: extra keyword arguments for ``read``.
+        select: store only the records that have every ``key: value`` (``mol_id``, ``source``,
+            ``level_of_theory`` or an ``info`` key such as the labeller's ``sampling``; compared as
+            strings).
+        exclude: leave out the records that have every ``key: value`` of it, e.g.
+            ``{"sampling": "normal_mode"}`` keeps a labelled corpus's minima and MD frames.
+            Records left out by ``select`` or ``exclude`` are counted under ``not_selected``, not
+            listed as dropped.
 
     Returns:
         The report also written to ``out/build_report.json``.
@@ -132,6 +141,11 @@ def build_store(
         "min_distance": float(min_distance),
         "dedup": bool(dedup),
     }
+    for name, given in (("select", select), ("exclude", exclude)):
+        if given:  # only when given, so that stores built before these options still resume
+            if not isinstance(given, dict) or not all(isinstance(k, str) and k for k in given):
+                raise DataError(f"{name} must map record keys to values, got {given!r}")
+            options[name] = {k: str(v) for k, v in sorted(given.items())}
     if max_force is not None and not (math.isfinite(max_force) and max_force > 0):
         raise DataError(f"max_force must be a positive number, got {max_force}")
 
@@ -158,6 +172,7 @@ def build_store(
     state["options"] = options
     state.setdefault("inputs", {})
     counts = state.setdefault("counts", {"read": 0, "kept": 0, "dropped": 0, "by_reason": {}})
+    counts.setdefault("not_selected", 0)
 
     # dropped.csv: truncated to what the complete shards account for, then appended to
     dpath = out / DROPPED
@@ -223,6 +238,13 @@ def build_store(
             try:
                 for i, conf in enumerate(reader(given)):
                     if i < skip:
+                        continue
+                    if (select and not matches(conf, select)) or (exclude and matches(conf, exclude)):
+                        entry["consumed"] = i + 1
+                        counts["read"] += 1
+                        counts["not_selected"] += 1
+                        n_this_run += 1
+                        bar.update(1)
                         continue
                     problem = None
                     try:
@@ -301,6 +323,7 @@ def _report(out: Path, writer: StoreWriter, state: dict, inputs, resumed: bool, 
         "n_read": counts["read"],
         "n_kept": counts["kept"],
         "n_dropped": counts["dropped"],
+        "n_not_selected": counts.get("not_selected", 0),
         "dropped_by_reason": dict(sorted(counts["by_reason"].items())),
         "per_input": per_input,
         "errors": errors,
