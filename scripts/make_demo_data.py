@@ -288,7 +288,8 @@ time with {meta['workers']} worker processes on {meta['machine']}. Code:
 
 Per molecule:
 
-1. RDKit ETKDGv3 embedding (hydrogens added, random seed), MMFF94 pre-optimization.
+1. RDKit ETKDGv3 embedding (hydrogens added, random seed), MMFF94 pre-optimization. Stereochemistry
+   the SMILES leaves open is fixed to one stereoisomer for all of a molecule's conformers.
 2. GFN2-xTB geometry optimization (ASE BFGS, `fmax` = {ps['fmax']} eV/Å, ≤ 500 steps) of up to
    {ps['n_embed']} embedded conformers until {ps['n_conformers']} *distinct* minima are found
    (duplicates — same sorted interatomic distances within 0.05 Å and energy within 2 meV — are
