@@ -160,7 +160,7 @@ def write_card(out: Path, card: Path) -> None:
            if settings["settings"].get("n_screen") else "") + ", optimized to fmax 0.01 eV/A",
         "  (`equilibrium=True`; its near-zero forces are recorded but not used as labels); the thermal",
         "  frames below are spread over a molecule's minima; stereochemistry the SMILES leave open",
-        "  (about 1 molecule in 5) is fixed to one stereoisomer per molecule, the first RDKit enumerates;",
+        "  (about 1 molecule in 5) is fixed to one stereoisomer per molecule, the one a first ETKDG embedding draws;",
         "- short GFN2-xTB Langevin MD (0.5 fs, friction 0.02/fs) at "
         + ", ".join(f"{t:.0f}" for t in settings["settings"]["temperatures"]) + " K, "
         f"{settings['settings']['md_frames_per_T']} frames per temperature "

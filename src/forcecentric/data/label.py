@@ -305,8 +305,8 @@ def embed(
         DataError: unparsable SMILES, several fragments, open shell, or embedding failure.
 
     Stereochemistry the SMILES leaves open is fixed once, so that every conformer is of the same
-    stereoisomer (the first of RDKit's enumeration that embeds); write it into the SMILES
-    (``C[C@H](O)CC``, ``F/C=C/F``) to choose another.
+    stereoisomer (the one a first ETKDG embedding with the same seed draws); write it into the
+    SMILES (``C[C@H](O)CC``, ``F/C=C/F``) to choose it.
     """
     from rdkit import Chem
     from rdkit.Chem import AllChem
@@ -335,19 +335,14 @@ def embed(
     # coordinates (n copies of one conformer): map it to another fixed seed
     params.randomSeed = _seed_int(seed) or _RDKIT_SEED_FOR_0
     params.numThreads = 1
-    conf_ids: list[int] = []
     # ETKDG draws an unspecified stereocentre or double bond at random for each conformer, so the
     # "conformers" of CC(O)CC(C)N would mix its diastereomers: fix one stereoisomer for all of them
-    for isomer in _stereoisomers(mol):
-        mol = Chem.AddHs(isomer)
+    mol = _fix_open_stereo(Chem.AddHs(mol), params)
+    conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
+    if not conf_ids:
+        # Large or strained systems sometimes need random initial coordinates.
+        params.useRandomCoords = True
         conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
-        if not conf_ids:
-            # Large or strained systems sometimes need random initial coordinates.
-            params.useRandomCoords = True
-            conf_ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=int(n_conformers), params=params))
-            params.useRandomCoords = False
-        if conf_ids:
-            break
     if not conf_ids:
         raise DataError(f"molecule {name!r}: RDKit ETKDG could not embed SMILES {smiles!r}")
     mmff_energies: list[float] | None = None
@@ -367,18 +362,22 @@ def embed(
     return out
 
 
-def _stereoisomers(mol, limit: int = 8):
-    """``mol`` itself when its stereochemistry is fully specified (or it has none); otherwise up to
-    ``limit`` of its stereoisomers with every unspecified centre and double bond assigned, in
-    RDKit's fixed enumeration order (the first one that embeds is used)."""
+def _fix_open_stereo(mol, params):
+    """``mol`` (with hydrogens) with every stereocentre and double bond its SMILES left open set to
+    those of one ETKDG embedding with ``params``: a stereoisomer that exists in 3D (enumerating
+    them instead can give impossible ones, such as a bridged bicycle's inconsistent bridgeheads,
+    on which ETKDG spends minutes). Unchanged when nothing is open or the probe does not embed."""
     from rdkit import Chem
-    from rdkit.Chem.EnumerateStereoisomers import EnumerateStereoisomers, StereoEnumerationOptions
+    from rdkit.Chem import AllChem
 
-    unspecified = [s for s in Chem.FindPotentialStereo(mol) if s.specified == Chem.StereoSpecified.Unspecified]
-    if not unspecified:
-        return [mol]
-    options = StereoEnumerationOptions(onlyUnassigned=True, unique=True, maxIsomers=limit)
-    return list(EnumerateStereoisomers(mol, options=options)) or [mol]
+    if not any(s.specified == Chem.StereoSpecified.Unspecified for s in Chem.FindPotentialStereo(mol)):
+        return mol
+    probe = Chem.Mol(mol)
+    if AllChem.EmbedMolecule(probe, params) < 0:
+        return mol
+    Chem.AssignStereochemistryFrom3D(probe)
+    probe.RemoveAllConformers()
+    return probe
 
 
 def rank_conformers(
