@@ -29,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from ase import Atoms  # noqa: E402
 
 from forcecentric.data import label  # noqa: E402
 from forcecentric.data.store import Store  # noqa: E402
@@ -39,11 +40,22 @@ from forcecentric.train.datamodule import resolve_path  # noqa: E402
 KT_300K = 0.02585  # eV
 
 
-def corpus_minima(names: set[str]) -> dict[str, float]:
-    """GFN2-xTB energy (eV) of the corpus's equilibrium record of each named molecule."""
+def corpus_minima(smiles: dict[str, str]) -> dict[str, tuple[float, set[str]]]:
+    """GFN2-xTB energy (eV) of the corpus's equilibrium record of each named molecule, and its
+    stereoisomer and that one's mirror image (isomeric SMILES read from the geometry; the same
+    string twice for an achiral one), since mirror images have the same energies."""
     store = Store(resolve_path("bundled:corpus"))
     ids, eq = store.mol_ids(), store.equilibrium_flags()
-    return {str(ids[i]): float(store[int(i)].energy) for i in np.flatnonzero(eq) if ids[i] in names}
+    out = {}
+    for i in np.flatnonzero(eq):
+        name = str(ids[i])
+        if name in smiles:
+            rec = store[int(i)]
+            atoms = Atoms(numbers=rec.z, positions=rec.pos, info={"mol_id": name})
+            mirror = Atoms(numbers=rec.z, positions=rec.pos * [-1.0, 1.0, 1.0], info={"mol_id": name})
+            isomers = {label.stereo_smiles(a, smiles[name]) for a in (atoms, mirror)}
+            out[name] = (float(rec.energy), isomers)
+    return out
 
 
 def one_molecule(name: str, smiles: str, seed: int) -> dict:
@@ -58,7 +70,8 @@ def one_molecule(name: str, smiles: str, seed: int) -> dict:
         energies = sorted(m.get_potential_energy() for m in minima)
         row[key] = {"xtb_minima": len(minima), "wall_s": round(time.perf_counter() - t0, 2),
                     "lowest_energy_eV": energies[0],
-                    "energies_above_lowest_eV": [round(e - energies[0], 4) for e in energies]}
+                    "energies_above_lowest_eV": [round(e - energies[0], 4) for e in energies],
+                    "stereoisomers": sorted({label.stereo_smiles(m) for m in minima})}
     return row
 
 
@@ -72,7 +85,7 @@ def main() -> None:
     pairs = [tuple(line.split()[::-1]) for line in lines if line.strip()]
     step = max(1, len(pairs) // args.n_molecules)
     sample = pairs[::step][: args.n_molecules]
-    corpus = corpus_minima({n for n, _ in sample})
+    corpus = corpus_minima(dict(sample))
     rows = []
     t0 = time.perf_counter()
     for k, (name, smiles) in enumerate(sample):
@@ -83,8 +96,13 @@ def main() -> None:
             continue
         scr = row["screened"]
         if name in corpus:  # the corpus's minimum against the lowest either search found
-            lowest = min(corpus[name], scr["lowest_energy_eV"], row["embedding_order"]["lowest_energy_eV"])
-            row["corpus_minimum_above_lowest_eV"] = round(corpus[name] - lowest, 4)
+            energy, isomers = corpus[name]
+            row["corpus_stereoisomer"] = sorted(isomers)[0]
+            found = {*scr["stereoisomers"], *row["embedding_order"]["stereoisomers"]}
+            if len(found) == 1 and found <= isomers:  # the same one, or its mirror image
+                lowest = min(energy, scr["lowest_energy_eV"], row["embedding_order"]["lowest_energy_eV"])
+                row["corpus_minimum_above_lowest_eV"] = round(energy - lowest, 4)
+            # else: a diastereomer (the corpus drew open stereo at random), so no comparison
         rows.append(row)
         print(f"[{k + 1}/{len(sample)}] {name} {smiles}: MMFF {row['mmff_minima_9']}/{row['mmff_minima_50']}, "
               f"xTB {row['embedding_order']['xtb_minima']} -> {scr['xtb_minima']} "
@@ -106,8 +124,12 @@ def main() -> None:
         "share_with_a_second_minimum_within_4kT": share(
             lambda r: len(r["screened"]["energies_above_lowest_eV"]) > 1
             and r["screened"]["energies_above_lowest_eV"][1] < 4 * KT_300K),
-        "share_corpus_minimum_above_lowest_by_over_kT": share(
-            lambda r: r.get("corpus_minimum_above_lowest_eV", 0.0) > KT_300K),
+        "n_corpus_minimum_comparable": sum(1 for r in ok if "corpus_minimum_above_lowest_eV" in r),
+        "n_corpus_minimum_other_stereoisomer": sum(1 for r in ok if "corpus_stereoisomer" in r
+                                                   and "corpus_minimum_above_lowest_eV" not in r),
+        "share_corpus_minimum_above_lowest_by_over_kT": round(
+            sum(1 for r in ok if r.get("corpus_minimum_above_lowest_eV", 0.0) > KT_300K)
+            / max(1, sum(1 for r in ok if "corpus_minimum_above_lowest_eV" in r)), 3),
         "wall_s_embedding_order": round(sum(r["embedding_order"]["wall_s"] for r in ok), 1),
         "wall_s_screened": round(sum(r["screened"]["wall_s"] for r in ok), 1),
         "wall_s_total": round(time.perf_counter() - t0, 1),

@@ -206,14 +206,35 @@ def test_embed_fixes_one_stereoisomer_when_the_smiles_leaves_it_open(smiles):
     conformers would be a mixture of diastereomers; embed gives all of them one stereoisomer."""
     from rdkit import Chem
 
-    isomers = {_stereo_smiles(c) for c in L.embed(smiles, 12, seed=7)}
+    confs = L.embed(smiles, 12, seed=7)
+    isomers = {_stereo_smiles(c) for c in confs}
     assert len(isomers) == 1
+    # the library's reader of a record's stereoisomer (from its SMILES graph) agrees with a
+    # perception of bonds and stereo from the coordinates alone
+    assert {L.stereo_smiles(c) for c in confs} == isomers
     assert Chem.MolToSmiles(Chem.MolFromSmiles(next(iter(isomers))), isomericSmiles=False) == \
         Chem.MolToSmiles(Chem.MolFromSmiles(smiles))
     # stereochemistry written in the SMILES is kept, whichever it is
     for given in ("C[C@H](O)C[C@@H](C)N", "C[C@@H](O)C[C@@H](C)N"):
         found = {_stereo_smiles(c) for c in L.embed(given, 6, seed=7)}
         assert found == {Chem.MolToSmiles(Chem.MolFromSmiles(given))}
+
+
+def test_stereo_smiles_reads_the_geometry_and_refuses_a_mismatch():
+    from rdkit import Chem
+
+    for given in ("C[C@H](O)CC", "C[C@@H](O)CC", "F/C=C/F", "F/C=C\\F"):
+        conf = L.embed(given, 1, seed=1)[0]
+        assert L.stereo_smiles(conf) == Chem.MolToSmiles(Chem.MolFromSmiles(given))
+        mirror = conf.copy()
+        mirror.positions[:, 0] *= -1
+        if "@" in given:
+            assert L.stereo_smiles(mirror) != L.stereo_smiles(conf)
+    with pytest.raises(DataError, match="not SMILES 'CCO'"):
+        L.stereo_smiles(conf, "CCO")
+    conf.info.pop("smiles")
+    with pytest.raises(DataError, match="no parsable SMILES"):
+        L.stereo_smiles(conf)
 
 
 def test_optimize_minimum_detects_fragmentation():

@@ -380,6 +380,34 @@ def _fix_open_stereo(mol, params):
     return probe
 
 
+def stereo_smiles(atoms: Atoms, smiles: str | None = None) -> str:
+    """The stereoisomer a geometry is, as canonical isomeric SMILES: the molecule's graph from
+    ``smiles`` (default ``atoms.info["smiles"]``), with its atoms in the order :func:`embed` writes
+    them (the SMILES's heavy atoms, then the hydrogens RDKit adds), and the stereocentres and
+    double bonds read from the positions. Use it to see which stereoisomer a labelled record is,
+    or whether two records are the same one.
+
+    Raises:
+        DataError: no SMILES, or one whose atoms (with hydrogens) do not match the record's.
+    """
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
+    smiles = atoms.info.get("smiles") if smiles is None else smiles
+    mol = Chem.MolFromSmiles(smiles) if smiles else None
+    if mol is None:
+        raise DataError(f"molecule {_name_of(atoms)!r}: no parsable SMILES to read its stereochemistry against")
+    mol = Chem.AddHs(mol)
+    if [a.GetAtomicNum() for a in mol.GetAtoms()] != list(atoms.numbers):
+        raise DataError(f"molecule {_name_of(atoms)!r}: its atoms are not SMILES {smiles!r}'s in embed's order")
+    conf = Chem.Conformer(mol.GetNumAtoms())
+    for k, (x, y, z) in enumerate(np.asarray(atoms.positions, dtype=float)):
+        conf.SetAtomPosition(k, Point3D(float(x), float(y), float(z)))
+    mol.AddConformer(conf, assignId=True)
+    Chem.AssignStereochemistryFrom3D(mol)
+    return Chem.MolToSmiles(Chem.RemoveHs(mol))
+
+
 def rank_conformers(
     conformers: Sequence[Atoms], dist_tol: float = 0.05, energy_tol: float = 2e-3
 ) -> tuple[list[Atoms], list[Atoms]]:
