@@ -121,7 +121,8 @@ def test_the_paper_size_round_applies_the_first_rounds_fixes_to_every_run():
     assert md["data"]["train"] == ["runs/corpus_md_conf3/store300"] and md["loss"] == small["forces_only"]["loss"]
     for k in ("split_by_molecule", "n_train", "n_val"):
         assert md["data"][k] == small["forces_only_mol25"]["data"][k]
-    assert md["trainer"] == small["forces_only_mol25"]["trainer"]
+    # the same training; only how often it checkpoints differs (a long CPU run resumed across sessions)
+    assert md["trainer"] == {**small["forces_only_mol25"]["trainer"], "checkpoint_every_n_steps": 20}
     longer = [j for j in pre if j.key["model"].endswith("_8min")]
     assert all(j.config["trainer"]["max_time_minutes"] == 8 for j in longer)
     # the continuation: forces_only's model trained on for 240 steps, with ethanol's xTB frames or without
