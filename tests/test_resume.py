@@ -284,6 +284,37 @@ def test_resume_takes_the_newer_of_last_and_slurm_checkpoints(tmp_path):
     assert resume_checkpoint(tmp_path) == hpc
     os.utime(last, ns=(3 * 10**18, 3 * 10**18))
     assert resume_checkpoint(tmp_path) == last
+    # a last-v1.ckpt that older code left beside last.ckpt counts when newer; other names do not
+    v1 = tmp_path / "checkpoints" / "last-v1.ckpt"
+    v1.write_bytes(b"z")
+    os.utime(v1, ns=(4 * 10**18, 4 * 10**18))
+    assert resume_checkpoint(tmp_path) == v1
+    other = tmp_path / "checkpoints" / "last_good_copy.ckpt"
+    other.write_bytes(b"w")
+    os.utime(other, ns=(5 * 10**18, 5 * 10**18))
+    assert resume_checkpoint(tmp_path) == v1
+
+
+def test_checkpoint_callbacks_share_one_last_ckpt_even_when_added_on_resume(tmp_path, morse_file):
+    """The validation checkpoint and the step checkpoint both write checkpoints/last.ckpt. With
+    Lightning's version counter, the second writer found the file and wrote last-v1.ckpt, and a
+    run that gained step checkpoints on resume kept its mid-epoch state where --resume did not
+    look. Now there is one last.ckpt, at the run's last step."""
+    fresh = _config(tmp_path, morse_file, tmp_path / "fresh", **{"trainer.max_epochs": 2})
+    run_module.run(fresh)
+    ckpts = tmp_path / "fresh" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 12
+
+    # started without step checkpoints, resumed with them for a third epoch
+    run_dir = tmp_path / "grown"
+    run_module.run(_config(tmp_path, morse_file, run_dir, **{"trainer.max_epochs": 2,
+                                                               "trainer.checkpoint_every_n_steps": None}))
+    grown = _config(tmp_path, morse_file, run_dir, **{"trainer.max_epochs": 3, "trainer.checkpoint_every_n_steps": 4})
+    run_module.run(grown, resume=True)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 18
 
 
 def test_resume_warns_only_about_real_config_changes(tmp_path, morse_file, caplog):

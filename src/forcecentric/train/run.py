@@ -140,9 +140,12 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
                                              ModelCheckpoint, TQDMProgressBar)
 
     t = cfg.trainer
+    # every checkpoint callback writes the one last.ckpt: with Lightning's version counter on, a
+    # callback that finds last.ckpt written by another writes last-v1.ckpt instead, and the
+    # two then alternate (a resume from last.ckpt could lose up to an epoch)
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss",
-                        mode="min", save_top_k=1, save_last=True),
+                        mode="min", save_top_k=1, save_last=True, enable_version_counter=False),
         LearningRateMonitor(logging_interval="epoch"),
         LearningCurvePlot(run_dir),
     ]
@@ -150,10 +153,12 @@ def _trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
     # datamodule's state in it says how far into its epoch the run was
     if t.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
-                                         every_n_train_steps=t.checkpoint_every_n_steps))
+                                         every_n_train_steps=t.checkpoint_every_n_steps,
+                                         enable_version_counter=False))
     if t.checkpoint_every_minutes:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
-                                         train_time_interval=timedelta(minutes=t.checkpoint_every_minutes)))
+                                         train_time_interval=timedelta(minutes=t.checkpoint_every_minutes),
+                                         enable_version_counter=False))
     if t.early_stopping_patience is not None:
         # strict=False: a resumed epoch end has no metrics yet
         stop = dict(monitor="val/loss", mode="min", patience=t.early_stopping_patience, strict=False)
@@ -203,10 +208,13 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``--resume`` continues from: the newer of ``checkpoints/last.ckpt`` and the
+    """The checkpoint ``--resume`` continues from: the newest of ``checkpoints/last.ckpt`` and the
     checkpoints Lightning writes as ``hpc_ckpt_N.ckpt`` when SLURM warns a job with SIGUSR1
-    before ending it (``#SBATCH --signal=SIGUSR1@120``); None when the run has neither."""
-    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    before ending it (``#SBATCH --signal=SIGUSR1@120``); None when the run has neither. A
+    ``last-vN.ckpt`` beside ``last.ckpt`` counts too: Lightning's version counter wrote those
+    when two checkpoint callbacks saved "last" (fixed since, but runs made before hold them)."""
+    found = [p for p in [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+             if p.is_file() and (p.stem == "last" or p.stem.startswith("last-v") or p.stem.startswith("hpc_ckpt_"))]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
