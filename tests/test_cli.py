@@ -94,6 +94,14 @@ def test_label_then_build_data_then_evaluate(tmp_path, tiny_config, capsys):
     # resuming finds every shard done and labels nothing again
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["records_this_run"] == 0
+    # killed after failures.csv was written but before the shard that marks its chunk done: the
+    # chunk is labelled again and its failure is listed once
+    (tmp_path / "lab" / ".shard-00001.empty").unlink()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["n_failed"] == 1
+    rows = (tmp_path / "lab" / "failures.csv").read_text().splitlines()
+    assert rows[0] == "name,smiles,reason" and [r.split(",")[0] for r in rows[1:]] == ["impossible"]
+    assert not list((tmp_path / "lab").glob(".*.tmp"))
     # other settings in the same folder are refused
     assert main(args[:-1] + ["--seed", "5", "--no-progress"]) == 2
     capsys.readouterr()

@@ -1257,8 +1257,11 @@ def label_to_shards(
     ``failures.csv`` and do not stop the run. Returns a report (also ``label_report.json``).
     """
     import csv
+    import io
     import json
     import time
+
+    from .store import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1286,12 +1289,12 @@ def label_to_shards(
                 file=str(settings_file),
             )
     else:
-        settings_file.write_text(json.dumps(record, indent=2))
+        atomic_write_text(settings_file, json.dumps(record, indent=2))
     failures_file = out / "failures.csv"
-    failures: list[tuple[str, str, str]] = []
+    failures: dict[str, tuple[str, str, str]] = {}  # by molecule: a relabelled shard replaces its rows
     if failures_file.is_file():
         with failures_file.open() as fh:
-            failures = [tuple(r) for r in csv.reader(fh)][1:]
+            failures = {r[0]: tuple(r) for r in list(csv.reader(fh))[1:]}
     shards = [molecules[i : i + molecules_per_shard] for i in range(0, len(molecules), molecules_per_shard)]
     n_records = n_done = 0
     t0 = time.time()
@@ -1309,19 +1312,20 @@ def label_to_shards(
             continue
         records, failed = label_molecules(chunk, n_workers=n_workers, **settings)
         smiles = dict(chunk)
+        # the failures first, then the shard that marks the chunk done: a kill between the two
+        # relabels the chunk on restart instead of losing its failures
+        failures.update((name, (name, smiles.get(name, ""), reason.replace("\n", " "))) for name, reason in failed)
+        buffer = io.StringIO()
+        w = csv.writer(buffer)
+        w.writerow(["name", "smiles", "reason"])
+        w.writerows(failures.values())
+        atomic_write_text(failures_file, buffer.getvalue())
         if records:
             write_extxyz(path, records)
         else:
             marker.write_text("")
         n_records += len(records)
         n_done += len(chunk)
-        failures.extend((name, smiles.get(name, ""), reason.replace("\n", " ")) for name, reason in failed)
-        tmp = failures_file.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["name", "smiles", "reason"])
-            w.writerows(failures)
-        tmp.replace(failures_file)
         if bar is not None:
             bar.update(len(chunk))
             bar.set_postfix(records=n_records, failed=len(failures))
@@ -1335,7 +1339,7 @@ def label_to_shards(
         "molecules_this_run": n_done,
         "wall_time_s_this_run": round(time.time() - t0, 1),
     }
-    (out / "label_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "label_report.json", json.dumps(report, indent=2))
     return report
 
 
