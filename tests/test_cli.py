@@ -125,6 +125,11 @@ def test_label_then_build_data_then_evaluate(tmp_path, tiny_config, capsys):
                  "--select", "sampling=md", "--select", "mol_id=methanol"]) == 0
     md = json.loads(capsys.readouterr().out)
     assert md["n_kept"] == 2 and md["statistics"]["n_equilibrium"] == 0
+    # the record's own flags select too; true/false in any case
+    assert main(["build-data", *shards, "--out", str(tmp_path / "minima"), "--no-progress",
+                 "--select", "equilibrium=true"]) == 0
+    minima = json.loads(capsys.readouterr().out)
+    assert minima["n_kept"] == minima["statistics"]["n_equilibrium"] == kinds.count("minimum") == 2
     assert main(["build-data", *shards, "--out", str(tmp_path / "bad"), "--exclude", "sampling"]) == 2
     assert "--exclude expects KEY=VALUE" in capsys.readouterr().err
     torch.manual_seed(0)

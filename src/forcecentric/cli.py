@@ -584,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-size", type=int, default=100_000, help="conformations per shard")
     sp.add_argument("--no-dedup", action="store_true", help="keep duplicate conformations")
     sp.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
-                    help="store only records with this value (mol_id, source, level_of_theory or an extxyz info "
-                    "key); repeat for several, all must match")
+                    help="store only records with this value (mol_id, source, level_of_theory, equilibrium, charge or an "
+                    "extxyz info key); repeat for several, all must match")
     sp.add_argument("--exclude", action="append", default=[], metavar="KEY=VALUE",
                     help="leave out records with this value, e.g. sampling=normal_mode for a labelled corpus's "
                     "minima and MD frames only; repeat for several, a record with all of them is left out")

@@ -37,8 +37,8 @@ from pydantic import Field
 
 from .config import RunConfig, _Strict, apply_overrides, load_yaml, preset_path, validate
 from .data.conformation import matches
-from .workers import sigterm_unwinds
 from .errors import ConfigError, DataError
+from .workers import sigterm_unwinds
 
 log = logging.getLogger("forcecentric")
 

@@ -117,8 +117,8 @@ def build_store(
             benchmarks, custom sources); records are still checked here.
         read_kwargs: extra keyword arguments for ``read``.
         select: store only the records that have every ``key: value`` (``mol_id``, ``source``,
-            ``level_of_theory`` or an ``info`` key such as the labeller's ``sampling``; compared as
-            strings).
+            ``level_of_theory``, ``equilibrium``, ``charge`` or an ``info`` key such as the
+            labeller's ``sampling``; see :func:`~forcecentric.data.conformation.matches`).
         exclude: leave out the records that have every ``key: value`` of it, e.g.
             ``{"sampling": "normal_mode"}`` keeps a labelled corpus's minima and MD frames.
             Records left out by ``select`` or ``exclude`` are counted under ``not_selected``, not

@@ -32,10 +32,17 @@ def scalar_info(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def matches(record: "Conformation", select: dict[str, Any]) -> bool:
-    """Whether ``record`` has every ``key: value`` of ``select`` (compared as strings), where a key
-    is ``mol_id``, ``source`` or ``level_of_theory``, or else an ``info`` key."""
-    own = ("mol_id", "source", "level_of_theory")
-    return all(str(getattr(record, k) if k in own else record.info.get(k)) == str(v) for k, v in select.items())
+    """Whether ``record`` has every ``key: value`` of ``select`` (compared as strings; a true/false
+    value in any case), where a key is ``mol_id``, ``source``, ``level_of_theory``,
+    ``equilibrium`` or ``charge``, or else an ``info`` key."""
+    own = ("mol_id", "source", "level_of_theory", "equilibrium", "charge")
+
+    def same(have: Any, want: Any) -> bool:
+        if isinstance(have, (bool, np.bool_)):
+            return str(bool(have)).lower() == str(want).strip().lower()
+        return str(have) == str(want)
+
+    return all(same(getattr(record, k) if k in own else record.info.get(k), v) for k, v in select.items())
 
 
 @dataclass
