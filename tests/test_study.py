@@ -875,8 +875,14 @@ def test_corpus_conformer_benchmark_counts_minima_and_reads_the_corpus_minimum()
     for key in ("embedding_order", "screened"):
         assert row[key]["xtb_minima"] == 1 and row[key]["energies_above_lowest_eV"] == [0.0]
     assert row["screened"]["lowest_energy_eV"] == pytest.approx(row["embedding_order"]["lowest_energy_eV"], abs=1e-4)
-    energies = corpus_minima({"freesolv_2", "not-in-the-corpus"})
-    assert list(energies) == ["freesolv_2"] and -600 < energies["freesolv_2"] < -100  # C5H10, GFN2-xTB eV
+    assert row["screened"]["stereoisomers"] == ["O"]
+    found = corpus_minima({"freesolv_2": "C=CC(C)C", "solubility_1201": "NC(Cc1ccc(O)cc1)C(=O)O",
+                           "not-in-the-corpus": "C"})
+    assert sorted(found) == ["freesolv_2", "solubility_1201"]
+    energy, isomers = found["freesolv_2"]
+    assert -600 < energy < -100 and isomers == {"C=CC(C)C"}  # C5H10, GFN2-xTB eV; achiral
+    # tyrosine's one open stereocentre: the corpus minimum's stereoisomer and its mirror image
+    assert found["solubility_1201"][1] == {"N[C@@H](Cc1ccc(O)cc1)C(=O)O", "N[C@H](Cc1ccc(O)cc1)C(=O)O"}
 
 
 def test_corpus_bond_benchmark_measures_stretch_from_the_minimum():
