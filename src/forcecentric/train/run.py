@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import warnings
 from datetime import timedelta
@@ -214,7 +215,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     ``last-vN.ckpt`` beside ``last.ckpt`` counts too: Lightning's version counter wrote those
     when two checkpoint callbacks saved "last" (fixed since, but runs made before hold them)."""
     found = [p for p in [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-             if p.is_file() and (p.stem == "last" or p.stem.startswith("last-v") or p.stem.startswith("hpc_ckpt_"))]
+             if p.is_file() and re.fullmatch(r"last(-v\d+)?|hpc_ckpt_\d+", p.stem)]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
