@@ -109,6 +109,8 @@ def main() -> None:
               f"({row['embedding_order']['wall_s']} -> {scr['wall_s']} s)", flush=True)
     ok = [r for r in rows if "error" not in r]
 
+    comparable = [r for r in ok if "corpus_minimum_above_lowest_eV" in r]  # same stereoisomer as the corpus
+
     def share(pred) -> float:
         return round(sum(1 for r in ok if pred(r)) / max(1, len(ok)), 3)
 
@@ -124,12 +126,10 @@ def main() -> None:
         "share_with_a_second_minimum_within_4kT": share(
             lambda r: len(r["screened"]["energies_above_lowest_eV"]) > 1
             and r["screened"]["energies_above_lowest_eV"][1] < 4 * KT_300K),
-        "n_corpus_minimum_comparable": sum(1 for r in ok if "corpus_minimum_above_lowest_eV" in r),
-        "n_corpus_minimum_other_stereoisomer": sum(1 for r in ok if "corpus_stereoisomer" in r
-                                                   and "corpus_minimum_above_lowest_eV" not in r),
+        "n_corpus_minimum_comparable": len(comparable),
+        "n_corpus_minimum_other_stereoisomer": sum(1 for r in ok if "corpus_stereoisomer" in r) - len(comparable),
         "share_corpus_minimum_above_lowest_by_over_kT": round(
-            sum(1 for r in ok if r.get("corpus_minimum_above_lowest_eV", 0.0) > KT_300K)
-            / max(1, sum(1 for r in ok if "corpus_minimum_above_lowest_eV" in r)), 3),
+            sum(1 for r in comparable if r["corpus_minimum_above_lowest_eV"] > KT_300K) / max(1, len(comparable)), 3),
         "wall_s_embedding_order": round(sum(r["embedding_order"]["wall_s"] for r in ok), 1),
         "wall_s_screened": round(sum(r["screened"]["wall_s"] for r in ok), 1),
         "wall_s_total": round(time.perf_counter() - t0, 1),

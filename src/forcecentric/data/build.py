@@ -212,6 +212,30 @@ def build_store(
         dropped_fh.flush()
         state["dropped_csv_bytes"] = dropped_fh.tell()
 
+    def keep(entry: dict, given: str, record: int, conf) -> None:
+        """Check ``conf`` and store it, or drop it with the reason."""
+        problem = None
+        try:
+            conf.validate(file=given, record=record, min_distance=min_distance, max_force=max_force)
+        except DataError as exc:
+            problem = (classify_problem(exc.problem), exc.problem)
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
+            problem = ("invalid", f"{type(exc).__name__}: {exc}")
+        if problem is None:
+            try:
+                # writes the previous shard first when it is full: the progress saved
+                # with it is still the one before this record (see StoreWriter)
+                if writer.add(conf, checked=True):
+                    entry["kept"] += 1
+                    counts["kept"] += 1
+                else:
+                    problem = ("duplicate", "duplicate of a stored conformation "
+                               "(same z, charge and positions to 1e-5 A)")
+            except DataError as exc:  # a value the store cannot hold (charge range)
+                problem = (classify_problem(exc.problem), exc.problem)
+        if problem is not None:
+            drop(entry, given, record, conf, *problem)
+
     try:
         for given in inputs:
             given = str(given)
@@ -240,33 +264,9 @@ def build_store(
                     if i < skip:
                         continue
                     if (select and not matches(conf, select)) or (exclude and matches(conf, exclude)):
-                        entry["consumed"] = i + 1
-                        counts["read"] += 1
                         counts["not_selected"] += 1
-                        n_this_run += 1
-                        bar.update(1)
-                        continue
-                    problem = None
-                    try:
-                        conf.validate(file=given, record=i, min_distance=min_distance, max_force=max_force)
-                    except DataError as exc:
-                        problem = (classify_problem(exc.problem), exc.problem)
-                    except (ValueError, TypeError, IndexError, AttributeError) as exc:
-                        problem = ("invalid", f"{type(exc).__name__}: {exc}")
-                    if problem is None:
-                        try:
-                            # writes the previous shard first when it is full: the progress saved
-                            # with it is still the one before this record (see StoreWriter)
-                            if writer.add(conf, checked=True):
-                                entry["kept"] += 1
-                                counts["kept"] += 1
-                            else:
-                                problem = ("duplicate", "duplicate of a stored conformation "
-                                           "(same z, charge and positions to 1e-5 A)")
-                        except DataError as exc:  # a value the store cannot hold (charge range)
-                            problem = (classify_problem(exc.problem), exc.problem)
-                    if problem is not None:
-                        drop(entry, given, i, conf, *problem)
+                    else:
+                        keep(entry, given, i, conf)
                     entry["consumed"] = i + 1
                     counts["read"] += 1
                     n_this_run += 1
