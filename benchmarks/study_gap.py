@@ -7,6 +7,11 @@ It also evaluates every model on a molecule held out of the corpus at the corpus
 theory, the bundled aspirin frames (GFN2-xTB, 400 frames): what the pre-training learned about
 unseen chemistry, with no level-of-theory gap. Writes benchmarks/results/study_gap.json (or --out).
 
+Pre-trained checkpoints live under the study's run folder, which does not travel with the
+repository. A rerun therefore updates the results file instead of replacing it: models evaluated
+now overwrite their earlier numbers, and models whose checkpoints are gone keep theirs. Targets
+whose test frames are another target's (same file content) are listed once, with a pointer.
+
     python benchmarks/study_gap.py            # after `forcecentric study --phase pretrain`
     python benchmarks/study_gap.py -c study_paper --out benchmarks/results/study_paper_gap.json
 """
@@ -14,6 +19,7 @@ unseen chemistry, with no level-of-theory gap. Writes benchmarks/results/study_g
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -41,13 +47,24 @@ def main() -> None:
     cfg = load_study_config(args.config)
     out: dict = {"machine": machine_info("cpu"), "config": args.config, "n_frames": N_FRAMES,
                  "units": "meV/A (forces), meV (energies)", "targets": {}}
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else None
+    if previous is not None:  # before the evaluations, so that a wrong --out costs nothing
+        check_mergeable(out, previous, args.out)
     # each pre-trained model loaded once, evaluated on every target and on the held-out xTB frames
     models = {f"{j.key['setting']}/{j.key['model']}": load(j.run_dir / "model.ckpt")
               for j in pretrain_jobs(cfg) if j.done}
+    out["evaluated_now"] = sorted(models)
+    seen: dict[str, str] = {}  # test file digest -> the first target with those frames
     for target, tc in cfg.targets.items():
         if "DFT" not in tc.kind:
             continue
-        recs = read_all(Path(cfg.out) / "targets" / target / "test.extxyz")[:N_FRAMES]
+        test_file = Path(cfg.out) / "targets" / target / "test.extxyz"
+        digest = hashlib.sha256(test_file.read_bytes()).hexdigest()
+        if digest in seen:
+            out["targets"][target] = {"same_test_frames_as": seen[digest]}
+            continue
+        seen[digest] = target
+        recs = read_all(test_file)[:N_FRAMES]
         f_xtb, e_xtb = [], []
         for r in recs:
             atoms = r.to_atoms()
@@ -80,7 +97,40 @@ def main() -> None:
         held["zero_shot_force_mae"][name] = 1000 * float(np.abs(pred - f_ref).mean())
     out["held_out_at_corpus_level"] = held
     print(HELD_OUT_XTB, json.dumps(held["zero_shot_force_mae"]))
+    if previous is not None:
+        out = merge_previous(out, previous)
     write_json(out, args.out)
+
+
+def check_mergeable(new: dict, old: dict, where: str = "the results file") -> None:
+    """Raise unless ``old`` holds results of the same study config and frame count as ``new``."""
+    for key in ("config", "n_frames"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"{where} holds results with {key}={old.get(key)!r}, this run has "
+                             f"{new.get(key)!r}: pass another --out")
+
+
+def merge_previous(new: dict, old: dict) -> dict:
+    """``new`` with the zero-shot numbers of ``old`` that ``new`` lacks: models evaluated in ``new``
+    win, models only in ``old`` (their checkpoints gone) are kept. Only results of the same study
+    config and frame count are merged; anything else raises, so that numbers of different
+    settings never mix in one file."""
+    check_mergeable(new, old)
+    merged = json.loads(json.dumps(new))
+    for target, old_row in old.get("targets", {}).items():
+        row = merged["targets"].setdefault(target, old_row)
+        if row is not old_row and "zero_shot" in row:
+            row["zero_shot"] = {**old_row.get("zero_shot", {}), **row["zero_shot"]}
+    earlier = set(old.get("held_out_at_corpus_level", {}).get("zero_shot_force_mae", {}))
+    for old_row in old.get("targets", {}).values():
+        earlier |= set(old_row.get("zero_shot", {}))
+    merged["kept_from_earlier_runs"] = sorted(earlier - set(new.get("evaluated_now", [])))
+    old_held = old.get("held_out_at_corpus_level")
+    if old_held is not None:
+        held = merged["held_out_at_corpus_level"]
+        held["zero_shot_force_mae"] = {**old_held.get("zero_shot_force_mae", {}),
+                                       **held["zero_shot_force_mae"]}
+    return merged
 
 
 if __name__ == "__main__":

@@ -908,3 +908,42 @@ def test_corpus_bond_benchmark_measures_stretch_from_the_minimum():
     assert stats["n"] == 4  # two bonds in each of two frames
     assert stats["stretch_mean_A"] == pytest.approx(0.015)  # (0.04 + 0 + 0.02 + 0) / 4
     assert stats["bond_force_mean_meV_A"] == pytest.approx(-200.0)  # labels pull the stretched bond in
+
+
+def test_study_gap_rerun_keeps_models_whose_checkpoints_are_gone():
+    """benchmarks/study_gap.py updates its results file: models evaluated now replace their earlier
+    numbers, models evaluated only before are kept and named, and a file of other settings is
+    refused rather than mixed in."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from study_gap import check_mergeable, merge_previous
+
+    def result(zero_shot: dict[str, float], evaluated_now: list[str] | None = None) -> dict:
+        out = {"config": "study_paper", "n_frames": 100, "targets": {
+            "ethanol": {"xtb_vs_dft_force_mae": 334.0,
+                        "zero_shot": {m: {"vs_dft": v, "vs_xtb": v / 5} for m, v in zero_shot.items()}}},
+            "held_out_at_corpus_level": {"zero_shot_force_mae": dict(zero_shot)}}
+        if evaluated_now is not None:
+            out["evaluated_now"] = evaluated_now
+        return out
+
+    old = result({"unseen/a": 300.0, "unseen/b": 310.0})
+    old["targets"]["3BPA"] = {"zero_shot": {"unseen/a": {"vs_dft": 190.0, "vs_xtb": 80.0}}}
+    new = result({"unseen/b": 320.0, "unseen/c": 330.0}, ["unseen/b", "unseen/c"])
+    new["targets"]["ethanol_xtb"] = {"same_test_frames_as": "ethanol"}
+    merged = merge_previous(new, old)
+    zs = merged["targets"]["ethanol"]["zero_shot"]
+    assert {m: v["vs_dft"] for m, v in zs.items()} == {"unseen/a": 300.0, "unseen/b": 320.0, "unseen/c": 330.0}
+    assert merged["held_out_at_corpus_level"]["zero_shot_force_mae"] == {
+        "unseen/a": 300.0, "unseen/b": 320.0, "unseen/c": 330.0}
+    assert merged["targets"]["3BPA"] == old["targets"]["3BPA"]  # a target not evaluated now is kept
+    assert merged["targets"]["ethanol_xtb"] == {"same_test_frames_as": "ethanol"}
+    assert merged["kept_from_earlier_runs"] == ["unseen/a"]
+    assert new["targets"]["ethanol"]["zero_shot"].keys() == {"unseen/b", "unseen/c"}  # inputs untouched
+
+    with pytest.raises(ValueError, match="n_frames=50"):
+        check_mergeable(new, {**old, "n_frames": 50}, "gap.json")
+    with pytest.raises(ValueError, match="config='study'"):
+        merge_previous(new, {**old, "config": "study"})
