@@ -118,8 +118,10 @@ def merge_previous(new: dict, old: dict) -> dict:
     check_mergeable(new, old)
     merged = json.loads(json.dumps(new))
     for target, old_row in old.get("targets", {}).items():
-        row = merged["targets"].setdefault(target, old_row)
-        if row is not old_row and "zero_shot" in row:
+        row = merged["targets"].get(target)
+        if row is None:  # a target not evaluated now
+            merged["targets"][target] = json.loads(json.dumps(old_row))
+        elif "zero_shot" in row:
             row["zero_shot"] = {**old_row.get("zero_shot", {}), **row["zero_shot"]}
     earlier = set(old.get("held_out_at_corpus_level", {}).get("zero_shot_force_mae", {}))
     for old_row in old.get("targets", {}).values():

@@ -942,6 +942,8 @@ def test_study_gap_rerun_keeps_models_whose_checkpoints_are_gone():
     assert merged["targets"]["ethanol_xtb"] == {"same_test_frames_as": "ethanol"}
     assert merged["kept_from_earlier_runs"] == ["unseen/a"]
     assert new["targets"]["ethanol"]["zero_shot"].keys() == {"unseen/b", "unseen/c"}  # inputs untouched
+    merged["targets"]["3BPA"]["zero_shot"]["unseen/a"]["vs_dft"] = 0.0
+    assert old["targets"]["3BPA"]["zero_shot"]["unseen/a"]["vs_dft"] == 190.0
 
     with pytest.raises(ValueError, match="n_frames=50"):
         check_mergeable(new, {**old, "n_frames": 50}, "gap.json")
