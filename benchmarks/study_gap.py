@@ -117,15 +117,14 @@ def merge_previous(new: dict, old: dict) -> dict:
     settings never mix in one file."""
     check_mergeable(new, old)
     merged = json.loads(json.dumps(new))
+    earlier = set(old.get("held_out_at_corpus_level", {}).get("zero_shot_force_mae", {}))
     for target, old_row in old.get("targets", {}).items():
+        earlier |= set(old_row.get("zero_shot", {}))
         row = merged["targets"].get(target)
         if row is None:  # a target not evaluated now
             merged["targets"][target] = json.loads(json.dumps(old_row))
         elif "zero_shot" in row:
             row["zero_shot"] = {**old_row.get("zero_shot", {}), **row["zero_shot"]}
-    earlier = set(old.get("held_out_at_corpus_level", {}).get("zero_shot_force_mae", {}))
-    for old_row in old.get("targets", {}).values():
-        earlier |= set(old_row.get("zero_shot", {}))
     merged["kept_from_earlier_runs"] = sorted(earlier - set(new.get("evaluated_now", [])))
     old_held = old.get("held_out_at_corpus_level")
     if old_held is not None:
