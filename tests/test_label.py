@@ -422,3 +422,15 @@ def test_label_screen_reaches_both_ethanol_rotamers(tmp_path):
     assert json.loads((tmp_path / "screened" / "label_settings.json").read_text())["settings"]["n_screen"] == 50
     settings = json.loads((tmp_path / "embed30" / "label_settings.json").read_text())["settings"]
     assert (settings["n_embed"], settings["n_screen"]) == (30, 0)
+
+
+def test_non_finite_labels_are_refused_naming_file_and_record():
+    from forcecentric.data.dft import check_finite_labels
+
+    forces = np.zeros((3, 3))
+    check_finite_labels(-1.5, forces, "unused")  # finite: no error
+    with pytest.raises(DataError, match=r"file 'a\.xyz', record 7: xTB gave NaN"):
+        check_finite_labels(float("nan"), forces, "xTB gave NaN", file="a.xyz", record=7)
+    forces[2, 1] = -np.inf
+    with pytest.raises(DataError, match="record 0: bad force"):
+        check_finite_labels(0.0, forces, "bad force", record=0)

@@ -72,6 +72,14 @@ class DFTSettings:
         return f"{self.xc.upper()}/{basis}"
 
 
+def check_finite_labels(energy: float, forces: np.ndarray, problem: str, *,
+                        file: str | None = None, record: int | None = None) -> None:
+    """Raise :class:`DataError` (``problem``, naming ``file`` and ``record``) unless the energy and
+    every force component are finite: a labeller's NaN never reaches a store."""
+    if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+        raise DataError(problem, file=file, record=record)
+
+
 def _multiplicity(z: np.ndarray, charge: int, multiplicity: int | None) -> int:
     n_electrons = int(np.sum(z)) - int(charge)
     if n_electrons < 0:
@@ -143,8 +151,7 @@ def dft_labels(
     gradient = np.asarray(mf.nuc_grad_method().kernel(), dtype=np.float64)  # Hartree / Bohr
     energy = energy_ha * units.Hartree
     forces = -gradient * (units.Hartree / units.Bohr)
-    if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-        raise DataError(f"{settings.level_of_theory} gave a non-finite energy or force",
+    check_finite_labels(energy, forces, f"{settings.level_of_theory} gave a non-finite energy or force",
                         file=file, record=record)
     return energy, forces
 

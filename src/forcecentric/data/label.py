@@ -76,7 +76,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ..errors import DataError
 from ..workers import process_pool
 from .conformation import closest_pair
-from .dft import DFTSettings
+from .dft import DFTSettings, check_finite_labels
 
 __all__ = [
     "DEFAULT_SOURCE",
@@ -194,10 +194,8 @@ def _calculator(charge: int, accuracy: float = 1.0, dft: DFTSettings | None = No
 
 
 def _check_finite(name: str, what: str, energy: float, forces: np.ndarray, level: str = LEVEL_OF_THEORY) -> None:
-    if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-        raise DataError(
-            f"molecule {name!r}: {level} returned a non-finite energy or force for {what}"
-        )
+    check_finite_labels(energy, forces,
+                        f"molecule {name!r}: {level} returned a non-finite energy or force for {what}")
 
 
 def _record(
@@ -1142,8 +1140,7 @@ def write_extxyz(
                 f"record has no {'energy/forces' if require_forces else 'energy'} ({exc})",
                 file=str(path), record=i,
             ) from None
-        if not np.isfinite(e) or not np.all(np.isfinite(f)):
-            raise DataError("non-finite energy or forces", file=str(path), record=i)
+        check_finite_labels(e, f, "non-finite energy or forces", file=str(path), record=i)
     _check_info_round_trip(atoms_list, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import DataError, ForceCentricError
 from .conformation import matches
-from .dft import DFTSettings
+from .dft import DFTSettings, check_finite_labels
 
 __all__ = ["METHODS", "relabel", "relabel_file", "labeller"]
 
@@ -47,8 +47,8 @@ def labeller(method: str, *, dft: DFTSettings | None = None, xtb_accuracy: float
             atoms = Atoms(numbers=rec.z, positions=rec.pos)
             atoms.info["charge"] = int(rec.charge)
             energy, forces = _fresh_labels(atoms, xtb_accuracy)
-            if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-                raise DataError("GFN2-xTB returned a non-finite energy or force", file=file, record=index)
+            check_finite_labels(energy, forces, "GFN2-xTB returned a non-finite energy or force",
+                                file=file, record=index)
             return float(energy), np.asarray(forces, dtype=np.float64)
 
         return label, LEVEL_OF_THEORY
