@@ -10,6 +10,8 @@ for a file of frames, resumably.
 The defaults, PBE/def2-SVP with density fitting on PySCF's default grid, reproduce the rMD17
 labels (ORCA, PBE/def2-SVP): about 1 meV/Å mean absolute force difference on rMD17 ethanol
 frames, and total energies within about 5 meV (tested in ``tests/test_dft.py``).
+``DFTSettings(xc="wb97x", basis="6-31g*")`` reproduces the 3BPA labels (ORCA, wB97X/6-31G(d)) to
+about 4 meV/Å and 5 meV (a slow test).
 
 PySCF is an optional dependency: ``pip install "forcecentric[dft]"``.
 """
