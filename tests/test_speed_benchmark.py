@@ -143,3 +143,33 @@ def test_profile_replays_exactly_the_counted_matrix_products():
             func(*operands)
     assert counter.get_total_flops() == speed.flop_counts([WATER], "demo")["water"]
     assert speed_profile.matmul_replay_ms(calls) > 0
+
+
+def test_filter_benchmark_times_the_layers_real_filters_three_ways():
+    import torch
+
+    from forcecentric.config import ModelConfig
+    from forcecentric.nn.model import ForceField
+
+    speed_filters = pytest.importorskip("speed_filters")
+    torch.manual_seed(0)
+    model = ForceField(ModelConfig(**speed_worker_sizes()["demo"])).eval()
+    z = torch.tensor(WATER["numbers"])
+    pos = torch.tensor(WATER["positions"])
+    seen = []
+    handle = model.representation.distance_expansion.register_forward_hook(lambda m, i, out: seen.append(out))
+    model(z, pos)
+    handle.remove()
+    # the radial basis the benchmark feeds the filters is the one the attention layers read
+    rbf = speed_filters.attention_rbf(model, z, pos, None)
+    torch.testing.assert_close(rbf, seen[0].detach())
+    assert rbf.shape == (6 + 3, model.config.num_rbf)  # 6 directed pairs and 3 self loops
+    fns = speed_filters.variants(model)
+    ref = [layer.act(layer.filter_proj(rbf)) for layer in model.representation.layers]
+    for name, fn in fns.items():
+        got = fn(rbf)
+        assert len(got) == len(ref), name
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+        if name == "stacked":
+            assert all(part.is_contiguous() for part in got)
