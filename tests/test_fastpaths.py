@@ -156,10 +156,12 @@ def test_compiled_inference_equals_eager(tiny_config, tmp_path):
     gen = torch.Generator().manual_seed(1)
     z = torch.randint(1, 9, (12,), generator=gen)
     pos = torch.rand(12, 3, generator=gen) * 4.0
-    # several sizes compiled in one process, among them the pre-training size (F=64, 3 layers),
-    # for which Inductor (torch 2.13, CPU) generated wrong forces: the first call's check against
-    # the eager model catches that and the model goes back to the eager path, with a warning
-    for layers, width, denoise in ((1, 16, False), (2, 32, True), (3, 64, False)):
+    # two sizes compiled in one process: one that Inductor (torch 2.13, CPU) compiles right, and
+    # the pre-training size (F=64, 3 layers), for which it generated wrong forces: the first
+    # call's check against the eager model catches that and the model goes back to the eager
+    # path, with a warning. (Each size compiles twice, for two edge counts: about a minute each
+    # on 2 cores, so the suite keeps two sizes.)
+    for layers, width, denoise in ((2, 32, True), (3, 64, False)):
         torch.manual_seed(layers)
         model = ForceField(tiny_config.model_copy(
             update={"num_layers": layers, "hidden_channels": width, "denoise_head": denoise, "num_rbf": 32})).eval()
