@@ -13,7 +13,12 @@ included, as the layers see it), the filters' forward and their backward to ``rb
 * ``stacked``: one product and one activation, then each layer's slice made contiguous (the
   fused kernel reads the filters as a dense ``[E, 4F]`` block);
 * ``stacked_strided``: the same without the copies, a lower bound for a kernel that read a
-  strided slice.
+  strided slice;
+* ``per_layer_saved_sigmoid`` (SiLU models): per layer, with an activation that keeps its
+  sigmoid for the backward instead of computing it again.
+
+It also times the per-layer path's four parts on their own (the products forward and back, the
+activation and its backward), summed over the layers.
 
 Beside them it times the whole energy + forces call of the fused model, for the filters' share.
 Rounds alternate the order of the variants; the figures are medians. Writes
@@ -67,7 +72,40 @@ def variants(model: ForceField) -> dict:
     def stacked_strided(rbf):
         return list(act(torch.addmm(bias, rbf, weight.t())).split(width, dim=1))
 
-    return {"per_layer": per_layer, "stacked": stacked, "stacked_strided": stacked_strided}
+    out = {"per_layer": per_layer, "stacked": stacked, "stacked_strided": stacked_strided}
+    if isinstance(act, torch.nn.SiLU):
+        out["per_layer_saved_sigmoid"] = lambda rbf: [_SiLUSavedSigmoid.apply(layer.filter_proj(rbf))
+                                                     for layer in layers]
+    return out
+
+
+class _SiLUSavedSigmoid(torch.autograd.Function):
+    """SiLU that keeps ``sigmoid(x)`` and ``x sigmoid(x)`` for its backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        sig = torch.sigmoid(x)
+        y = x * sig
+        ctx.save_for_backward(sig, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        sig, y = ctx.saved_tensors
+        return grad * (sig + y * (1 - sig))
+
+
+def parts(model: ForceField, rbf: torch.Tensor, grads: list[torch.Tensor]) -> dict:
+    """The per-layer path's parts as callables, each over all layers."""
+    layers = model.representation.layers
+    pre = [layer.filter_proj(rbf) for layer in layers]
+    act_grads = [torch.ops.aten.silu_backward(g, p) for g, p in zip(grads, pre)]
+    return {
+        "part_product_forward": lambda: [layer.filter_proj(rbf) for layer in layers],
+        "part_activation_forward": lambda: [layer.act(p) for layer, p in zip(layers, pre)],
+        "part_activation_backward": lambda: [torch.ops.aten.silu_backward(g, p) for g, p in zip(grads, pre)],
+        "part_product_backward": lambda: [g @ layer.filter_proj.weight for g, layer in zip(act_grads, layers)],
+    }
 
 
 def main() -> None:
@@ -120,6 +158,8 @@ def main() -> None:
 
     jobs = {name: (lambda fn=fn: filters(fn)) for name, fn in fns.items()}
     jobs["whole_call_fused"] = lambda: model(z, pos, batch)
+    if "per_layer_saved_sigmoid" in fns:
+        jobs.update(parts(model, rbf0, grads))
     rounds: dict[str, list[float]] = {name: [] for name in jobs}
     names = list(jobs)
     for k in range(args.rounds):
@@ -133,6 +173,8 @@ def main() -> None:
         "filters_share_of_whole_call": round(median["per_layer"] / median["whole_call_fused"], 3),
         "per_layer_over_stacked": round(median["per_layer"] / median["stacked"], 3),
         "per_layer_over_stacked_strided": round(median["per_layer"] / median["stacked_strided"], 3),
+        "per_layer_over_saved_sigmoid": (round(median["per_layer"] / median["per_layer_saved_sigmoid"], 3)
+                                         if "per_layer_saved_sigmoid" in median else None),
         "machine": machine_info("cpu"), "versions": versions(),
     }
     write_json(result, args.out)

@@ -165,11 +165,18 @@ def test_filter_benchmark_times_the_layers_real_filters_three_ways():
     torch.testing.assert_close(rbf, seen[0].detach())
     assert rbf.shape == (6 + 3, model.config.num_rbf)  # 6 directed pairs and 3 self loops
     fns = speed_filters.variants(model)
-    ref = [layer.act(layer.filter_proj(rbf)) for layer in model.representation.layers]
+    assert set(fns) == {"per_layer", "stacked", "stacked_strided", "per_layer_saved_sigmoid"}
+    leaf = rbf.clone().requires_grad_(True)
+    ref = [layer.act(layer.filter_proj(leaf)) for layer in model.representation.layers]
+    grads = [torch.randn_like(r) for r in ref]
+    ref_grad, = torch.autograd.grad(ref, [leaf], grads)
     for name, fn in fns.items():
-        got = fn(rbf)
+        leaf = rbf.clone().requires_grad_(True)
+        got = fn(leaf)
         assert len(got) == len(ref), name
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b)
+        # and the same backward to the radial basis, which the forces need
+        torch.testing.assert_close(torch.autograd.grad(got, [leaf], grads)[0], ref_grad)
         if name == "stacked":
             assert all(part.is_contiguous() for part in got)
