@@ -1,15 +1,16 @@
 """Would one matrix product for every layer's distance filters be faster than one per layer?
 
-    python benchmarks/speed_filters.py [--molecule 3BPA] [--size paper] [--threads 2] [--rounds 5]
+    python benchmarks/speed_filters.py [--molecules ethanol,3BPA,deca-alanine] [--size paper] [--threads 2]
 
 Each attention layer of the ET turns the same radial basis ``rbf [E, K]`` into its activated
 distance filters ``act(rbf W_l^T + b_l) [E, 4F]``. The six products of the paper-size ET could be
 one (the layers' weights stacked: ``[E, K] x [K, 6 * 4F]``), with one activation over the
 result and one product back to ``rbf`` in the force backward instead of six. This script times,
-side by side in one process, on the model's real radial basis of one molecule (self loops
-included, as the layers see it), the filters' forward and their backward to ``rbf``:
+side by side in one process, on the model's real radial basis of each molecule (every directed
+edge and the self loops, as the layers see it), the filters' forward and their backward to
+``rbf``:
 
-* ``per_layer``: what the model does now (each layer's ``filter_proj`` and activation);
+* ``per_layer``: each layer's ``filter_proj`` and activation, as the model computes them;
 * ``stacked``: one product and one activation, then each layer's slice made contiguous (the
   fused kernel reads the filters as a dense ``[E, 4F]`` block);
 * ``stacked_strided``: the same without the copies, a lower bound for a kernel that read a
@@ -20,9 +21,13 @@ included, as the layers see it), the filters' forward and their backward to ``rb
 It also times the per-layer path's four parts on their own (the products forward and back, the
 activation and its backward), summed over the layers.
 
-Beside them it times the whole energy + forces call of the fused model, for the filters' share.
-Rounds alternate the order of the variants; the figures are medians. Writes
-benchmarks/results/speed_filters.json.
+Then it times the whole energy + forces call of the fused model, alone and in more rounds, two
+ways: with the filters computed once per atom pair (``i <- j`` and ``j <- i`` share their
+distance; what the model does from ``representation.pair_filters_min_edges`` edges up) and once
+per directed edge (the model before 2026-12-07, and below that size now). Rounds alternate the
+order of the variants; the figures are medians. ``water-cluster`` (speed.py's 1,029 atoms) is
+slow: time it with ``--molecules water-cluster --rounds 2 --repeats 3 --call-rounds 4
+--call-repeats 3``. Writes benchmarks/results/speed_filters.json.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed import MOLECULES, embed  # noqa: E402
+from speed import MOLECULES, embed, water_cluster  # noqa: E402
 from speed_worker import SIZES  # noqa: E402
 
 from forcecentric.config import ModelConfig  # noqa: E402
@@ -108,17 +113,12 @@ def parts(model: ForceField, rbf: torch.Tensor, grads: list[torch.Tensor]) -> di
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--molecule", default="3BPA", choices=list(MOLECULES))
-    p.add_argument("--size", default="paper", choices=list(SIZES))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--out", default=str(HERE / "results" / "speed_filters.json"))
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    numbers, positions = embed(MOLECULES[args.molecule])
+WATER = "water-cluster"  # speed.py's 343 waters (1,029 atoms)
+
+
+def measure(molecule: str, args) -> dict:
+    """Every timing of one molecule, side by side."""
+    numbers, positions = water_cluster() if molecule == WATER else embed(MOLECULES[molecule])
     z = torch.tensor(numbers)
     pos = torch.tensor(positions, dtype=torch.float32)
     batch = torch.zeros(len(z), dtype=torch.long)
@@ -146,43 +146,92 @@ def main() -> None:
         if deviation[name] > 1e-4:
             raise SystemExit(f"{name} differs from the per-layer filters by {deviation[name]:.2e}")
 
-    def timed(fn) -> float:
-        for _ in range(5):
+    def timed(fn, repeats: int) -> float:
+        for _ in range(3):
             fn()
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             t = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t))
         return statistics.median(times)
 
     jobs = {name: (lambda fn=fn: filters(fn)) for name, fn in fns.items()}
-    jobs["whole_call_fused"] = lambda: model(z, pos, batch)
     if "per_layer_saved_sigmoid" in fns:
         jobs.update(parts(model, rbf0, grads))
     rounds: dict[str, list[float]] = {name: [] for name in jobs}
     names = list(jobs)
     for k in range(args.rounds):
         for name in (names if k % 2 == 0 else names[::-1]):
-            rounds[name].append(round(timed(jobs[name]), 3))
+            rounds[name].append(round(timed(jobs[name], args.repeats), 3))
+
+    # the whole call, filters per atom pair or per directed edge, alone and in more rounds: the
+    # difference is a few per cent for small molecules
+    rep = model.representation
+    saved = rep.pair_filters, rep.pair_filters_min_edges
+
+    def whole_call(pair_filters: bool):
+        rep.pair_filters, rep.pair_filters_min_edges = pair_filters, 0
+        return lambda: model(z, pos, batch)
+
+    calls = {"whole_call_fused_pair_filters": True, "whole_call_fused_edge_filters": False}
+    forces = {name: whole_call(flag)()["forces"] for name, flag in calls.items()}
+    deviation["whole_call_forces_pair_vs_edge"] = (forces["whole_call_fused_pair_filters"]
+                                                   - forces["whole_call_fused_edge_filters"]).abs().max().item()
+    for name in calls:
+        rounds[name] = []
+    for k in range(args.call_rounds):
+        for name in (list(calls) if k % 2 == 0 else list(calls)[::-1]):
+            fn = whole_call(calls[name])
+            rounds[name].append(round(timed(fn, args.call_repeats), 3))
+    rep.pair_filters, rep.pair_filters_min_edges = saved
     median = {name: round(statistics.median(v), 3) for name, v in rounds.items()}
     result = {
-        "molecule": args.molecule, "n_atoms": len(numbers), "pairs_with_self_loops": int(rbf0.shape[0]),
-        "size": SIZES[args.size], "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+        "molecule": molecule, "n_atoms": len(numbers), "edges_with_self_loops": int(rbf0.shape[0]),
         "median_ms": median, "rounds_ms": rounds, "max_abs_deviation_from_per_layer": deviation,
-        "filters_share_of_whole_call": round(median["per_layer"] / median["whole_call_fused"], 3),
+        "filters_share_of_whole_call_with_edge_filters": round(
+            median["per_layer"] / median["whole_call_fused_edge_filters"], 3),
+        "edge_filters_over_pair_filters_whole_call": round(
+            median["whole_call_fused_edge_filters"] / median["whole_call_fused_pair_filters"], 3),
         "per_layer_over_stacked": round(median["per_layer"] / median["stacked"], 3),
         "per_layer_over_stacked_strided": round(median["per_layer"] / median["stacked_strided"], 3),
         "per_layer_over_saved_sigmoid": (round(median["per_layer"] / median["per_layer_saved_sigmoid"], 3)
                                          if "per_layer_saved_sigmoid" in median else None),
-        "machine": machine_info("cpu"), "versions": versions(),
     }
-    write_json(result, args.out)
+    print(f"{molecule} ({len(numbers)} atoms, {rbf0.shape[0]} edges with self loops):")
     for name, ms in median.items():
-        print(f"{name:18s} {ms:8.3f} ms")
-    print(f"filters (forward + backward to rbf) / whole fused call: {result['filters_share_of_whole_call']:.1%}; "
+        print(f"  {name:32s} {ms:9.3f} ms")
+    print(f"  whole fused call, filters per directed edge / per pair: "
+          f"{result['edge_filters_over_pair_filters_whole_call']}; the filters (forward + backward to rbf) "
+          f"/ that call with per-edge filters: {result['filters_share_of_whole_call_with_edge_filters']:.1%}; "
           f"per_layer / stacked: {result['per_layer_over_stacked']}, per_layer / stacked_strided: "
-          f"{result['per_layer_over_stacked_strided']}; results: {args.out}")
+          f"{result['per_layer_over_stacked_strided']}")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--molecules", default="ethanol,3BPA,deca-alanine",
+                   help=f"comma-separated, from {', '.join([*MOLECULES, WATER])}")
+    p.add_argument("--size", default="paper", choices=list(SIZES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30, help="calls per timing of the filters")
+    p.add_argument("--call-rounds", type=int, default=8, help="rounds of the whole-call A/B")
+    p.add_argument("--call-repeats", type=int, default=30, help="calls per timing of the whole call")
+    p.add_argument("--out", default=str(HERE / "results" / "speed_filters.json"))
+    args = p.parse_args()
+    molecules = [m.strip() for m in args.molecules.split(",") if m.strip()]
+    unknown = [m for m in molecules if m not in MOLECULES and m != WATER]
+    if unknown:
+        raise SystemExit(f"unknown molecule(s) {unknown}; choose from {[*MOLECULES, WATER]}")
+    torch.set_num_threads(args.threads)
+    result = {"size": SIZES[args.size], "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+              "call_rounds": args.call_rounds, "call_repeats": args.call_repeats,
+              "molecules": [measure(m, args) for m in molecules],
+              "machine": machine_info("cpu"), "versions": versions()}
+    write_json(result, args.out)
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":
