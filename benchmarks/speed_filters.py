@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from speed import MOLECULES, embed, water_cluster  # noqa: E402
+from speed_profile import median_ms  # noqa: E402
 from speed_worker import SIZES  # noqa: E402
 
 from forcecentric.config import ModelConfig  # noqa: E402
@@ -146,16 +146,6 @@ def measure(molecule: str, args) -> dict:
         if deviation[name] > 1e-4:
             raise SystemExit(f"{name} differs from the per-layer filters by {deviation[name]:.2e}")
 
-    def timed(fn, repeats: int) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-        return statistics.median(times)
-
     jobs = {name: (lambda fn=fn: filters(fn)) for name, fn in fns.items()}
     if "per_layer_saved_sigmoid" in fns:
         jobs.update(parts(model, rbf0, grads))
@@ -163,7 +153,7 @@ def measure(molecule: str, args) -> dict:
     names = list(jobs)
     for k in range(args.rounds):
         for name in (names if k % 2 == 0 else names[::-1]):
-            rounds[name].append(round(timed(jobs[name], args.repeats), 3))
+            rounds[name].append(median_ms(jobs[name], repeats=args.repeats, warmup=3))
 
     # the whole call, filters per atom pair or per directed edge, alone and in more rounds: the
     # difference is a few per cent for small molecules
@@ -183,7 +173,7 @@ def measure(molecule: str, args) -> dict:
     for k in range(args.call_rounds):
         for name in (list(calls) if k % 2 == 0 else list(calls)[::-1]):
             fn = whole_call(calls[name])
-            rounds[name].append(round(timed(fn, args.call_repeats), 3))
+            rounds[name].append(median_ms(fn, repeats=args.call_repeats, warmup=3))
     rep.pair_filters, rep.pair_filters_min_edges = saved
     median = {name: round(statistics.median(v), 3) for name, v in rounds.items()}
     result = {
