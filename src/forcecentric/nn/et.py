@@ -323,9 +323,9 @@ class ETRepresentation(nn.Module):
         self.fused = False
         #: in the fused path, compute the layers' distance filters once per atom pair rather than
         #: once per directed edge, from ``pair_filters_min_edges`` edges (self loops included) up:
-        #: the same numbers; below it the bookkeeping costs more than it saves (on 2 CPU cores:
-        #: 0.96x for ethanol's 81 edges, 1.11x for 3BPA's 479, 1.31x for 1,029 waters;
-        #: benchmarks/speed_filters.py)
+        #: the same numbers; below it the bookkeeping costs more than it saves (whole call on 2
+        #: CPU cores: 0.96x for ethanol's 81 edges, 1.06x for 3BPA's 479, 1.14x for
+        #: deca-alanine's 2,485, 1.41x for 1,029 waters; benchmarks/speed_filters.py)
         self.pair_filters = True
         self.pair_filters_min_edges = 256
         self.reset_parameters()
