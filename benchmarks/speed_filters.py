@@ -168,6 +168,9 @@ def measure(molecule: str, args) -> dict:
     forces = {name: whole_call(flag)()["forces"] for name, flag in calls.items()}
     deviation["whole_call_forces_pair_vs_edge"] = (forces["whole_call_fused_pair_filters"]
                                                    - forces["whole_call_fused_edge_filters"]).abs().max().item()
+    if deviation["whole_call_forces_pair_vs_edge"] > 1e-4:
+        raise SystemExit(f"{molecule}: forces with pair filters differ from per-edge filters by "
+                         f"{deviation['whole_call_forces_pair_vs_edge']:.2e} eV/Å")
     for name in calls:
         rounds[name] = []
     for k in range(args.call_rounds):
