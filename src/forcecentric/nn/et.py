@@ -416,10 +416,10 @@ class ETRepresentation(nn.Module):
             n = x.shape[0]
             lo, hi = torch.minimum(att_i, att_j).long(), torch.maximum(att_i, att_j).long()
             key = lo * n + hi  # int64: no overflow for int32 edge lists of large systems
-            _, pair_of_edge = torch.unique(key, return_inverse=True)
-            edge_of_pair = torch.empty(
-                int(pair_of_edge.max()) + 1, dtype=pair_of_edge.dtype, device=pair_of_edge.device
-            ).scatter_(0, pair_of_edge, torch.arange(key.shape[0], device=key.device))
+            pairs, pair_of_edge = torch.unique(key, return_inverse=True)
+            edge_of_pair = torch.empty_like(pairs).scatter_(
+                0, pair_of_edge, torch.arange(key.shape[0], device=key.device)
+            )
             rbf = att_rbf.index_select(0, edge_of_pair)
             rbf_index = pair_of_edge.index_select(0, graph.perm)
         else:
