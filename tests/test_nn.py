@@ -310,6 +310,50 @@ def test_create_graph_allows_force_loss_backward():
     assert grads["representation.distance_expansion.means"].abs().sum() > 0
 
 
+def test_filters_once_per_atom_pair_give_the_per_edge_forces_and_training_gradients():
+    """On a CPU the eager path computes the distance filters once per atom pair (i <- j and
+    j <- i share their distance): the energies, forces and the parameter gradients of a force
+    loss (the second derivative training takes) are the per-edge ones, also for edge lists
+    where some edges have no reverse or appear twice; and the pairs are really used."""
+    gen = torch.Generator().manual_seed(10)
+    model = make_model()
+    rep = model.representation
+    z, pos, batch = random_batch([9, 14], gen)
+    ei = radius_graph(pos, batch, model.cutoff)
+    target = torch.randn(pos.shape, generator=gen, dtype=pos.dtype)
+    rows: list[int] = []
+    hook = rep.layers[0].filter_proj.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+
+    def run(edges, pairs: bool):
+        rep.pair_filters, rep.pair_filters_min_edges = pairs, 0
+        model.zero_grad(set_to_none=True)
+        out = model(z, pos, batch, edge_index=edges, create_graph=True)
+        (out["forces"] - target).pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out["energy"].detach(), out["forces"].detach(), grads
+
+    keep = torch.rand(ei.shape[1], generator=gen) < 0.6
+    try:
+        for edges in (ei, ei[:, keep], torch.cat([ei, ei[:, :5]], dim=1)):
+            n_edges = edges.shape[1] + z.shape[0]  # with the self loops
+            e_edge, f_edge, g_edge = run(edges, False)
+            assert rows[-1] == n_edges
+            e_pair, f_pair, g_pair = run(edges, True)
+            lo, hi = torch.minimum(edges[0], edges[1]), torch.maximum(edges[0], edges[1])
+            n_pairs = torch.unique(lo * z.shape[0] + hi).shape[0] + z.shape[0]
+            assert rows[-1] == n_pairs < n_edges
+            torch.testing.assert_close(e_pair, e_edge, rtol=0, atol=1e-10)
+            torch.testing.assert_close(f_pair, f_edge, rtol=0, atol=1e-10)
+            assert g_pair.keys() == g_edge.keys()
+            for name in g_edge:
+                torch.testing.assert_close(g_pair[name], g_edge[name], rtol=1e-9, atol=1e-11, msg=name)
+        # below the threshold (the default, 256 edges with self loops) the filters stay per edge
+        rep.pair_filters, rep.pair_filters_min_edges = True, ei.shape[1] + z.shape[0] + 1
+        model(z, pos, batch, edge_index=ei)
+        assert rows[-1] == ei.shape[1] + z.shape[0]
+    finally:
+        hook.remove()
+
 def test_caller_graph_on_pos_is_kept():
     gen = torch.Generator().manual_seed(10)
     model = make_model(torch.float64).eval()

@@ -180,3 +180,23 @@ def test_filter_benchmark_times_the_layers_real_filters_three_ways():
         torch.testing.assert_close(torch.autograd.grad(got, [leaf], grads)[0], ref_grad)
         if name == "stacked":
             assert all(part.is_contiguous() for part in got)
+
+
+def test_train_step_benchmark_times_both_filter_layouts_on_real_batches(tmp_path):
+    """benchmarks/train_step.py: the preset's objective on batches of the bundled corpus, the same
+    loss and gradients with the filters per pair and per edge, both timed; a JSON with the ratio."""
+    out = tmp_path / "train_step.json"
+    res = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--sizes", "demo", "--batches", "1",
+                          "--rounds", "2", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    (row,) = doc["results"]
+    assert row["preset"] == "demo_pretrain" and row["model"]["hidden_channels"] == 64
+    assert row["batches"] == 1 and len(row["atoms_per_batch"]) == 1 and row["atoms_per_batch"][0] > row["batch_size"]
+    assert row["edges_with_self_loops_first_batch"] >= 256  # so the model pairs the filters
+    assert set(row["median_ms_per_step"]) == {"pair_filters", "edge_filters"}
+    assert all(len(v) == 2 and min(v) > 0 for v in row["rounds_ms_per_step"].values())
+    assert row["edge_over_pair"] > 0
+    assert row["relative_deviation"]["loss"] < 1e-6 and row["relative_deviation"]["max_gradient"] < 1e-4
+    assert doc["machine"]["cpu_count"] >= 1 and doc["versions"]["torch"]

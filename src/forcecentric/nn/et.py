@@ -18,7 +18,7 @@ neighbour embedding uses only the real neighbours.
 
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,14 +199,21 @@ class EquivariantAttention(nn.Module):
                     state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _project(self, x: Tensor, vec: Tensor, rbf: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _project(
+        self, x: Tensor, vec: Tensor, rbf: Tensor, rbf_index: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-atom projections ``qkv [N, 5F]`` (q | k | v), ``vec3 [N, 3, F]``, the invariant
-        ``vec_dot [N, F]``, and the activated distance filters ``[E, 4F]`` (dk | dv)."""
+        ``vec_dot [N, F]``, and the activated distance filters ``[E, 4F]`` (dk | dv). With
+        ``rbf_index [E]``, ``rbf`` holds one row per atom pair and edge ``e`` reads row
+        ``rbf_index[e]``: the filters are computed once for ``i <- j`` and ``j <- i``, which
+        share their distance."""
         f = self.hidden_channels
         qkv = self.qkv_proj(self.layernorm(x))
         vec1, vec2, vec3 = torch.split(self.vec_proj(vec), f, dim=-1)
         vec_dot = (vec1 * vec2).sum(dim=1)  # [N, F], invariant
         filt = self.act(self.filter_proj(rbf))
+        if rbf_index is not None:
+            filt = filt.index_select(0, rbf_index)
         return qkv, vec3, vec_dot, filt
 
     def _update(
@@ -226,12 +233,14 @@ class EquivariantAttention(nn.Module):
         cut: Tensor,
         rbf: Tensor,
         unit: Tensor,
+        rbf_index: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """``x [N, F]``, ``vec [N, 3, F]``; per edge ``(i <- j)``: cosine cutoff ``cut [E]``,
-        radial basis ``rbf [E, K]`` and unit vector ``unit [E, 3]`` from ``i`` towards ``j``."""
+        radial basis ``rbf [E, K]`` and unit vector ``unit [E, 3]`` from ``i`` towards ``j``.
+        With ``rbf_index [E]``, ``rbf`` has one row per atom pair (see :meth:`_project`)."""
         n = x.shape[0]
         h, d, f = self.num_heads, self.head_dim, self.hidden_channels
-        qkv, vec3, vec_dot, filt = self._project(x, vec, rbf)
+        qkv, vec3, vec_dot, filt = self._project(x, vec, rbf, rbf_index)
         q, k, v = torch.split(qkv, [f, f, 3 * f], dim=-1)
         q = q.reshape(n, h, d)
         k = k.reshape(n, h, d)
@@ -275,9 +284,7 @@ class EquivariantAttention(nn.Module):
         edge tensors are in ``graph``'s receiver order. With ``rbf_index [E]``, ``rbf`` holds one
         row per atom pair and edge ``e`` reads row ``rbf_index[e]``: the filters are computed
         once for ``i <- j`` and ``j <- i``, which share their distance."""
-        qkv, vec3, vec_dot, filt = self._project(x, vec, rbf)
-        if rbf_index is not None:
-            filt = filt.index_select(0, rbf_index)
+        qkv, vec3, vec_dot, filt = self._project(x, vec, rbf, rbf_index)
         x_agg, vec_agg = et_message(
             qkv, vec, filt, cut, unit, graph, self.num_heads, self.attn_activation_name,
             self.vector_cutoff,
@@ -321,11 +328,12 @@ class ETRepresentation(nn.Module):
         #: float32/float64; other devices and dtypes take the eager path). Set it with
         #: :meth:`forcecentric.nn.ForceField.use_fused_kernels`.
         self.fused = False
-        #: in the fused path, compute the layers' distance filters once per atom pair rather than
-        #: once per directed edge, from ``pair_filters_min_edges`` edges (self loops included) up:
-        #: the same numbers; below it the bookkeeping costs more than it saves (whole call on 2
-        #: CPU cores: 0.96x for ethanol's 81 edges, 1.06x for 3BPA's 479, 1.14x for
-        #: deca-alanine's 2,485, 1.41x for 1,029 waters; benchmarks/speed_filters.py)
+        #: compute the layers' distance filters once per atom pair rather than once per directed
+        #: edge, from ``pair_filters_min_edges`` edges (self loops included) up, on a CPU (fused
+        #: and eager paths; not under torch.compile or TorchScript): the same numbers; below it
+        #: the bookkeeping costs more than it saves (fused call on 2 CPU cores: 0.96x for
+        #: ethanol's 81 edges, 1.06x for 3BPA's 479, 1.14x for deca-alanine's 2,485, 1.41x for
+        #: 1,029 waters; benchmarks/speed_filters.py)
         self.pair_filters = True
         self.pair_filters_min_edges = 256
         self.reset_parameters()
@@ -376,11 +384,18 @@ class ETRepresentation(nn.Module):
             x = self.neighbor_embedding(z, x, idx_i, idx_j, r, att_rbf[:n_edges])
 
         vec = x.new_zeros(n, 3, self.hidden_channels)
+        pairs: Optional[Tuple[Tensor, Tensor]] = None
+        if self.pair_filters and not torch.jit.is_scripting() and self._pairs_apply(att_i):
+            pairs = self._filter_pairs(att_i, att_j, n)
         if self.fused and not torch.jit.is_scripting() and self._fused_applies(x):
-            x, vec = self._layers_fused(x, vec, att_i, att_j, att_cut, att_rbf, att_unit)
+            x, vec = self._layers_fused(x, vec, att_i, att_j, att_cut, att_rbf, att_unit, pairs)
         else:
+            rbf = att_rbf
+            rbf_index: Optional[Tensor] = None
+            if pairs is not None:
+                rbf, rbf_index = att_rbf.index_select(0, pairs[0]), pairs[1]
             for layer in self.layers:
-                dx, dvec = layer(x, vec, att_i, att_j, att_cut, att_rbf, att_unit)
+                dx, dvec = layer(x, vec, att_i, att_j, att_cut, rbf, att_unit, rbf_index)
                 x = x + dx
                 vec = vec + dvec
         x = self.out_norm(x)
@@ -396,6 +411,30 @@ class ETRepresentation(nn.Module):
         )
 
     @torch.jit.unused
+    def _pairs_apply(self, att_i: Tensor) -> bool:
+        # CPU only: on a GPU, torch.unique waits for the device (its output size is data
+        # dependent), and the trade has not been measured there
+        return (
+            att_i.device.type == "cpu"
+            and att_i.shape[0] >= self.pair_filters_min_edges
+            and not torch.compiler.is_compiling()
+        )
+
+    @torch.jit.unused
+    def _filter_pairs(self, att_i: Tensor, att_j: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+        """The atom pairs of the edge list, for the distance filters, the layers' largest
+        per-edge cost: ``i <- j`` and ``j <- i`` share their distance (bit for bit), so they
+        share their filters. Returns ``(edge_of_pair [P], pair_of_edge [E])``: one edge that
+        stands for each pair, and each edge's pair."""
+        lo, hi = torch.minimum(att_i, att_j).long(), torch.maximum(att_i, att_j).long()
+        key = lo * n + hi  # int64: no overflow for int32 edge lists of large systems
+        pairs, pair_of_edge = torch.unique(key, return_inverse=True)
+        edge_of_pair = torch.empty_like(pairs).scatter_(
+            0, pair_of_edge, torch.arange(key.shape[0], device=key.device)
+        )
+        return edge_of_pair, pair_of_edge
+
+    @torch.jit.unused
     def _layers_fused(
         self,
         x: Tensor,
@@ -405,21 +444,14 @@ class ETRepresentation(nn.Module):
         att_cut: Tensor,
         att_rbf: Tensor,
         att_unit: Tensor,
+        pairs: Optional[Tuple[Tensor, Tensor]],
     ) -> tuple[Tensor, Tensor]:
         graph = MessageGraph.build(att_i, att_j, x.shape[0])
         cut = att_cut.index_select(0, graph.perm)
         unit = att_unit.index_select(0, graph.perm)
         rbf_index: Optional[Tensor] = None
-        if self.pair_filters and att_i.shape[0] >= self.pair_filters_min_edges:
-            # the distance filters, the layers' largest per-edge cost, once per atom pair: i <- j
-            # and j <- i share their distance (bit for bit), so they share their filters
-            n = x.shape[0]
-            lo, hi = torch.minimum(att_i, att_j).long(), torch.maximum(att_i, att_j).long()
-            key = lo * n + hi  # int64: no overflow for int32 edge lists of large systems
-            pairs, pair_of_edge = torch.unique(key, return_inverse=True)
-            edge_of_pair = torch.empty_like(pairs).scatter_(
-                0, pair_of_edge, torch.arange(key.shape[0], device=key.device)
-            )
+        if pairs is not None:
+            edge_of_pair, pair_of_edge = pairs
             rbf = att_rbf.index_select(0, edge_of_pair)
             rbf_index = pair_of_edge.index_select(0, graph.perm)
         else:
