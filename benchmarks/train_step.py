@@ -13,12 +13,16 @@ process: the preset's objective (``pretrain``: force matching, zero-force regula
 denoising) on batches of the preset's size drawn from the bundled GFN2-xTB corpus, forward and
 backward; the optimizer's update, the same both ways, is left out. Rounds alternate the order
 of the variants; the figures are medians. Before timing it checks that both ways give the same
-loss and parameter gradients. Writes ``benchmarks/results/train_step.json``.
+loss and parameter gradients. Writes ``benchmarks/results/train_step.json``, with the
+allocator's environment (``GLIBC_TUNABLES``, ``LD_PRELOAD``, ...): on Linux, glibc gives large
+freed blocks back to the kernel and every step faults them in again, which the README's
+``GLIBC_TUNABLES`` setting avoids (``benchmarks/results/train_step_malloc.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +45,9 @@ from forcecentric.train.datamodule import open_source  # noqa: E402
 
 PRESETS = {"paper": "pretrain", "demo": "demo_pretrain"}  # F=128 L=6, F=64 L=3
 VARIANTS = {"pair_filters": True, "edge_filters": False}
+# the allocator's settings change a step's time (freed blocks returned to the kernel are faulted
+# in again): recorded with the results
+MALLOC_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def batches(spec: str, n: int, size: int, seed: int) -> list:
@@ -136,7 +143,8 @@ def main() -> None:
     result = {"benchmark": "one training step (forward + double backward), distance filters per atom pair "
                            "vs per directed edge",
               "data": args.data, "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
-              "seed": args.seed, "results": [measure(s, args) for s in sizes],
+              "seed": args.seed, "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+              "results": [measure(s, args) for s in sizes],
               "machine": machine_info("cpu"), "versions": versions()}
     write_json(result, args.out)
     print(f"results: {args.out}")

@@ -200,3 +200,4 @@ def test_train_step_benchmark_times_both_filter_layouts_on_real_batches(tmp_path
     assert row["edge_over_pair"] > 0
     assert row["relative_deviation"]["loss"] < 1e-6 and row["relative_deviation"]["max_gradient"] < 1e-4
     assert doc["machine"]["cpu_count"] >= 1 and doc["versions"]["torch"]
+    assert set(doc["malloc_env"]) >= {"GLIBC_TUNABLES", "LD_PRELOAD"}  # the allocator's settings, recorded
