@@ -24,8 +24,10 @@ activation and its backward), summed over the layers.
 Then it times the whole energy + forces call of the fused model, alone and in more rounds, two
 ways: with the filters computed once per atom pair (``i <- j`` and ``j <- i`` share their
 distance; what the model does from ``representation.pair_filters_min_edges`` edges up) and once
-per directed edge (the model before 2026-12-07, and below that size now). Rounds alternate the
-order of the variants; the figures are medians. ``water-cluster`` (speed.py's 1,029 atoms) is
+per directed edge (the model before 2026-12-07, and below that size now); ``--paths
+fused,eager`` times the eager path's call too (it pairs the filters by the same rule), and
+``--whole-call-only`` skips the filter variants. Rounds alternate the order of the variants; the
+figures are medians. ``water-cluster`` (speed.py's 1,029 atoms) is
 slow: time it with ``--molecules water-cluster --rounds 2 --repeats 3 --call-rounds 4
 --call-repeats 3``. Writes benchmarks/results/speed_filters.json.
 """
@@ -139,6 +141,8 @@ def measure(molecule: str, args) -> dict:
 
     ref_out, ref_grad = filters(fns["per_layer"])
     deviation = {}
+    if args.whole_call_only:
+        fns = {}
     for name, fn in fns.items():
         out, grad = filters(fn)
         deviation[name] = max([(a - b).abs().max().item() for a, b in zip(out, ref_out)]
@@ -147,7 +151,7 @@ def measure(molecule: str, args) -> dict:
             raise SystemExit(f"{name} differs from the per-layer filters by {deviation[name]:.2e}")
 
     jobs = {name: (lambda fn=fn: filters(fn)) for name, fn in fns.items()}
-    if "per_layer_saved_sigmoid" in fns:
+    if "per_layer_saved_sigmoid" in fns and not args.whole_call_only:
         jobs.update(parts(model, rbf0, grads))
     rounds: dict[str, list[float]] = {name: [] for name in jobs}
     names = list(jobs)
@@ -160,45 +164,51 @@ def measure(molecule: str, args) -> dict:
     rep = model.representation
     saved = rep.pair_filters, rep.pair_filters_min_edges
 
-    def whole_call(pair_filters: bool):
+    def whole_call(pair_filters: bool, fused: bool):
         rep.pair_filters, rep.pair_filters_min_edges = pair_filters, 0
+        model.use_fused_kernels(fused)
         return lambda: model(z, pos, batch)
 
-    calls = {"whole_call_fused_pair_filters": True, "whole_call_fused_edge_filters": False}
-    forces = {name: whole_call(flag)()["forces"] for name, flag in calls.items()}
-    deviation["whole_call_forces_pair_vs_edge"] = (forces["whole_call_fused_pair_filters"]
-                                                   - forces["whole_call_fused_edge_filters"]).abs().max().item()
-    if deviation["whole_call_forces_pair_vs_edge"] > 1e-4:
-        raise SystemExit(f"{molecule}: forces with pair filters differ from per-edge filters by "
-                         f"{deviation['whole_call_forces_pair_vs_edge']:.2e} eV/Å")
+    calls = {f"whole_call_{path}_{kind}_filters": (kind == "pair", path == "fused")
+             for path in args.paths for kind in ("pair", "edge")}
+    forces = {name: whole_call(*flags)()["forces"] for name, flags in calls.items()}
+    for path in args.paths:
+        key = "whole_call_forces_pair_vs_edge" + ("" if path == "fused" else f"_{path}")
+        deviation[key] = (forces[f"whole_call_{path}_pair_filters"]
+                          - forces[f"whole_call_{path}_edge_filters"]).abs().max().item()
+        if deviation[key] > 1e-4:
+            raise SystemExit(f"{molecule} ({path}): forces with pair filters differ from per-edge filters by "
+                             f"{deviation[key]:.2e} eV/Å")
     for name in calls:
         rounds[name] = []
     for k in range(args.call_rounds):
         for name in (list(calls) if k % 2 == 0 else list(calls)[::-1]):
-            fn = whole_call(calls[name])
+            fn = whole_call(*calls[name])
             rounds[name].append(median_ms(fn, repeats=args.call_repeats, warmup=3))
     rep.pair_filters, rep.pair_filters_min_edges = saved
+    model.use_fused_kernels(True)
     median = {name: round(statistics.median(v), 3) for name, v in rounds.items()}
+
+    def ratio(a: str, b: str):
+        return round(median[a] / median[b], 3) if a in median and b in median else None
+
     result = {
         "molecule": molecule, "n_atoms": len(numbers), "edges_with_self_loops": int(rbf0.shape[0]),
         "median_ms": median, "rounds_ms": rounds, "max_abs_deviation_from_per_layer": deviation,
-        "filters_share_of_whole_call_with_edge_filters": round(
-            median["per_layer"] / median["whole_call_fused_edge_filters"], 3),
-        "edge_filters_over_pair_filters_whole_call": round(
-            median["whole_call_fused_edge_filters"] / median["whole_call_fused_pair_filters"], 3),
-        "per_layer_over_stacked": round(median["per_layer"] / median["stacked"], 3),
-        "per_layer_over_stacked_strided": round(median["per_layer"] / median["stacked_strided"], 3),
-        "per_layer_over_saved_sigmoid": (round(median["per_layer"] / median["per_layer_saved_sigmoid"], 3)
-                                         if "per_layer_saved_sigmoid" in median else None),
+        "filters_share_of_whole_call_with_edge_filters": ratio("per_layer", "whole_call_fused_edge_filters"),
+        "edge_filters_over_pair_filters_whole_call": ratio("whole_call_fused_edge_filters",
+                                                           "whole_call_fused_pair_filters"),
+        "edge_filters_over_pair_filters_whole_call_eager": ratio("whole_call_eager_edge_filters",
+                                                                 "whole_call_eager_pair_filters"),
+        "per_layer_over_stacked": ratio("per_layer", "stacked"),
+        "per_layer_over_stacked_strided": ratio("per_layer", "stacked_strided"),
+        "per_layer_over_saved_sigmoid": ratio("per_layer", "per_layer_saved_sigmoid"),
     }
     print(f"{molecule} ({len(numbers)} atoms, {rbf0.shape[0]} edges with self loops):")
     for name, ms in median.items():
         print(f"  {name:32s} {ms:9.3f} ms")
-    print(f"  whole fused call, filters per directed edge / per pair: "
-          f"{result['edge_filters_over_pair_filters_whole_call']}; the filters (forward + backward to rbf) "
-          f"/ that call with per-edge filters: {result['filters_share_of_whole_call_with_edge_filters']:.1%}; "
-          f"per_layer / stacked: {result['per_layer_over_stacked']}, per_layer / stacked_strided: "
-          f"{result['per_layer_over_stacked_strided']}")
+    print("  " + "; ".join(f"{k}: {v}" for k, v in result.items() if k.startswith(("edge_", "per_layer_", "filters_"))
+                           and v is not None))
     return result
 
 
@@ -212,15 +222,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30, help="calls per timing of the filters")
     p.add_argument("--call-rounds", type=int, default=8, help="rounds of the whole-call A/B")
     p.add_argument("--call-repeats", type=int, default=30, help="calls per timing of the whole call")
+    p.add_argument("--paths", default="fused", help="the whole-call A/B's paths: fused, eager or both")
+    p.add_argument("--whole-call-only", action="store_true", help="only the whole-call A/B, not the filter variants")
     p.add_argument("--out", default=str(HERE / "results" / "speed_filters.json"))
     args = p.parse_args()
+    args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if not args.paths or set(args.paths) - {"fused", "eager"}:
+        raise SystemExit(f"--paths: choose from fused, eager (got {args.paths})")
     molecules = [m.strip() for m in args.molecules.split(",") if m.strip()]
     unknown = [m for m in molecules if m not in MOLECULES and m != WATER]
     if unknown:
         raise SystemExit(f"unknown molecule(s) {unknown}; choose from {[*MOLECULES, WATER]}")
     torch.set_num_threads(args.threads)
     result = {"size": SIZES[args.size], "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
-              "call_rounds": args.call_rounds, "call_repeats": args.call_repeats,
+              "call_rounds": args.call_rounds, "call_repeats": args.call_repeats, "paths": args.paths,
+              "whole_call_only": args.whole_call_only,
               "molecules": [measure(m, args) for m in molecules],
               "machine": machine_info("cpu"), "versions": versions()}
     write_json(result, args.out)

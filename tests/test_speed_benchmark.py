@@ -182,6 +182,28 @@ def test_filter_benchmark_times_the_layers_real_filters_three_ways():
             assert all(part.is_contiguous() for part in got)
 
 
+def test_filter_benchmark_whole_call_ab_covers_the_eager_path(tmp_path):
+    """speed_filters.py --whole-call-only --paths fused,eager: the energy + forces call timed with
+    the filters per pair and per edge on both paths, the same forces, no filter variants."""
+    out = tmp_path / "sf.json"
+    res = subprocess.run([sys.executable, str(BENCH / "speed_filters.py"), "--molecules", "ethanol", "--size", "demo",
+                          "--paths", "fused,eager", "--whole-call-only", "--call-rounds", "2", "--call-repeats", "1",
+                          "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["paths"] == ["fused", "eager"] and doc["whole_call_only"]
+    (row,) = doc["molecules"]
+    assert set(row["median_ms"]) == {f"whole_call_{p}_{k}_filters" for p in ("fused", "eager") for k in ("pair", "edge")}
+    assert all(len(v) == 2 for v in row["rounds_ms"].values())
+    dev = row["max_abs_deviation_from_per_layer"]
+    assert set(dev) == {"whole_call_forces_pair_vs_edge", "whole_call_forces_pair_vs_edge_eager"}
+    assert all(v < 1e-4 for v in dev.values())
+    assert row["edge_filters_over_pair_filters_whole_call_eager"] > 0 and row["per_layer_over_stacked"] is None
+    bad = subprocess.run([sys.executable, str(BENCH / "speed_filters.py"), "--paths", "gpu"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "--paths" in bad.stderr
+
+
 def test_train_step_benchmark_times_both_filter_layouts_on_real_batches(tmp_path):
     """benchmarks/train_step.py: the preset's objective on batches of the bundled corpus, the same
     loss and gradients with the filters per pair and per edge, both timed; a JSON with the ratio."""
