@@ -13,7 +13,8 @@ process: the preset's objective (``pretrain``: force matching, zero-force regula
 denoising) on batches of the preset's size drawn from the bundled GFN2-xTB corpus, forward and
 backward; the optimizer's update, the same both ways, is left out. Rounds alternate the order
 of the variants; the figures are medians. Before timing it checks that both ways give the same
-loss and parameter gradients. Writes ``benchmarks/results/train_step.json``, with the
+loss and parameter gradients. Writes ``benchmarks/results/train_step.json`` and
+``docs/figures/train_step.png`` (``--plot-only`` redraws it), with the
 allocator's environment (``GLIBC_TUNABLES``, ``LD_PRELOAD``, ...): on Linux, glibc gives large
 freed blocks back to the kernel and every step faults them in again, which the README's
 ``GLIBC_TUNABLES`` setting avoids (``benchmarks/results/train_step_malloc.json``).
@@ -22,6 +23,7 @@ freed blocks back to the kernel and every step faults them in again, which the R
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -124,6 +126,37 @@ def measure(size: str, args) -> dict:
     return result
 
 
+def plot(doc: dict, out_png: str | Path) -> Path:
+    """Training conformations per second, filters per edge and per pair, one group per size; each
+    round's rate as a dot over its bar."""
+    import matplotlib.pyplot as plt
+
+    from forcecentric.plots import _write_png
+
+    rows = doc["results"]
+    fig, ax = plt.subplots(figsize=(1.9 + 1.9 * len(rows), 3.6))
+    for k, row in enumerate(rows):
+        for s, (name, label, color) in enumerate((("edge_filters", "filters per directed edge", "0.6"),
+                                                  ("pair_filters", "filters per atom pair", "C0"))):
+            x = k + (s - 0.5) * 0.38
+            rate = row["conformations_per_s"][name]
+            ax.bar(x, rate, width=0.36, color=color, label=label if k == 0 else None)
+            ax.plot([x] * len(row["rounds_ms_per_step"][name]),
+                    [row["batch_size"] / (ms / 1000) for ms in row["rounds_ms_per_step"][name]], "k.", ms=3)
+            ax.text(x, rate, f"{rate:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['size']} ET (F={r['model']['hidden_channels']}, {r['model']['num_layers']} layers)\n"
+                        f"batch {r['batch_size']}: {r['edge_over_pair']}x" for r in rows], fontsize=8)
+    ax.set_ylabel("training conformations / s (median)")
+    ax.grid(True, axis="y", alpha=0.3)
+    top = max(max(r["conformations_per_s"].values()) for r in rows)
+    ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper left")
+    m = doc["machine"]
+    ax.set_title(f"one training step, {m['cpu']}, {doc['threads']} threads", fontsize=9)
+    return _write_png(fig, Path(out_png))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="paper,demo", help=f"comma-separated, from {', '.join(PRESETS)}")
@@ -134,7 +167,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="calls (each over every batch) per timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "train_step.json"))
+    p.add_argument("--plot", default=str(HERE.parent / "docs" / "figures" / "train_step.png"))
+    p.add_argument("--plot-only", action="store_true", help="redraw --plot from the JSON in --out")
     args = p.parse_args()
+    if args.plot_only:
+        print("wrote", plot(json.loads(Path(args.out).read_text()), args.plot))
+        return
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in PRESETS]
     if unknown:
@@ -147,7 +185,7 @@ def main() -> None:
               "results": [measure(s, args) for s in sizes],
               "machine": machine_info("cpu"), "versions": versions()}
     write_json(result, args.out)
-    print(f"results: {args.out}")
+    print(f"results: {args.out}, plot: {plot(result, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -209,9 +209,11 @@ def test_train_step_benchmark_times_both_filter_layouts_on_real_batches(tmp_path
     loss and gradients with the filters per pair and per edge, both timed; a JSON with the ratio."""
     out = tmp_path / "train_step.json"
     res = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--sizes", "demo", "--batches", "1",
-                          "--rounds", "2", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                          "--rounds", "2", "--repeats", "1", "--threads", "1", "--out", str(out),
+                          "--plot", str(tmp_path / "train_step.png")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+    assert (tmp_path / "train_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(out.read_text())
     (row,) = doc["results"]
     assert row["preset"] == "demo_pretrain" and row["model"]["hidden_channels"] == 64
