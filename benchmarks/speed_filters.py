@@ -128,7 +128,7 @@ def measure(molecule: str, args) -> dict:
     model = ForceField(ModelConfig(**SIZES[args.size])).eval().requires_grad_(False)
     model.use_fused_kernels(True)
     rbf0 = attention_rbf(model, z, pos, batch)
-    fns = variants(model)
+    fns = {} if args.whole_call_only else variants(model)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(rbf0.shape[0], layer.filter_proj.out_features, generator=gen)
              for layer in model.representation.layers]
@@ -139,10 +139,9 @@ def measure(molecule: str, args) -> dict:
         torch.autograd.backward(outs, grads)
         return outs, rbf.grad
 
-    ref_out, ref_grad = filters(fns["per_layer"])
     deviation = {}
-    if args.whole_call_only:
-        fns = {}
+    if fns:
+        ref_out, ref_grad = filters(fns["per_layer"])
     for name, fn in fns.items():
         out, grad = filters(fn)
         deviation[name] = max([(a - b).abs().max().item() for a, b in zip(out, ref_out)]
@@ -151,7 +150,7 @@ def measure(molecule: str, args) -> dict:
             raise SystemExit(f"{name} differs from the per-layer filters by {deviation[name]:.2e}")
 
     jobs = {name: (lambda fn=fn: filters(fn)) for name, fn in fns.items()}
-    if "per_layer_saved_sigmoid" in fns and not args.whole_call_only:
+    if "per_layer_saved_sigmoid" in fns:
         jobs.update(parts(model, rbf0, grads))
     rounds: dict[str, list[float]] = {name: [] for name in jobs}
     names = list(jobs)

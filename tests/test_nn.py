@@ -354,6 +354,7 @@ def test_filters_once_per_atom_pair_give_the_per_edge_forces_and_training_gradie
     finally:
         hook.remove()
 
+
 def test_caller_graph_on_pos_is_kept():
     gen = torch.Generator().manual_seed(10)
     model = make_model(torch.float64).eval()
