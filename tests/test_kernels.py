@@ -17,7 +17,8 @@ from ase.md.verlet import VelocityVerlet
 import forcecentric
 from forcecentric.nn import ForceField, radius_graph
 from forcecentric.nn.et import EquivariantAttention
-from forcecentric.nn.kernels import MessageGraph, et_message, load_extension
+import forcecentric.nn.kernels as kernels
+from forcecentric.nn.kernels import MessageGraph, et_message, et_stack, load_extension
 
 from test_nn import make_model, random_batch, random_orthogonal
 
@@ -103,16 +104,116 @@ def test_layer_fused_equals_eager(attn, vector_cutoff):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+class _CountStack:
+    """Counts the calls of the whole-stack kernel (to tell which fused path ran)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = kernels._ETStack.apply
+
+        def counted(*args):
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(kernels._ETStack, "apply", counted)
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("hidden,heads", [(32, 4), (48, 2)])  # head size 8 (specialised), 24 (generic)
-def test_model_fused_equals_eager_on_a_batch(dtype, atol, hidden, heads):
+@pytest.mark.parametrize("stack", [True, False])
+def test_model_fused_equals_eager_on_a_batch(dtype, atol, hidden, heads, stack, monkeypatch):
+    """Both fused paths: all layers in one call (inference), and one kernel call per layer."""
+    count = _CountStack(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     model = make_model(dtype=dtype, hidden_channels=hidden, num_heads=heads).eval()
+    model.representation.fused_stack = stack
     z, pos, batch = random_batch([1, 4, 17, 30], gen, dtype=dtype)  # a lone atom, sparse and dense graphs
     eager, fused = _both(model, z, pos, batch)
+    assert count.calls == int(stack)
     torch.testing.assert_close(fused["energy"], eager["energy"], rtol=0, atol=atol * 10)
     torch.testing.assert_close(fused["forces"], eager["forces"], rtol=0, atol=atol)
     assert fused["forces"].abs().max() > 0.1  # not trivially zero
+
+
+@pytest.mark.parametrize("act,attn", [("silu", "tanh"), ("ssp", "silu"), ("tanh", "gelu"), ("gelu", "ssp")])
+@pytest.mark.parametrize("vector_cutoff", [True, False])
+def test_stack_equals_eager_for_every_activation_with_and_without_pairs(act, attn, vector_cutoff, monkeypatch):
+    """The one-call stack: filter and attention activations, the vector cutoff, the filters per
+    edge and per atom pair, and a denoising head reading the stack's vectors (float64)."""
+    count = _CountStack(monkeypatch)
+    gen = torch.Generator().manual_seed(10)
+    model = make_model(activation=act, attn_activation=attn, vector_cutoff=vector_cutoff, denoise_head=True).eval()
+    z, pos, batch = random_batch([5, 13], gen)
+    for min_edges in (0, 10**9):
+        model.representation.pair_filters_min_edges = min_edges
+        eager, fused = _both(model, z, pos, batch)
+        for key in ("energy", "forces", "noise_pred"):
+            torch.testing.assert_close(fused[key], eager[key], rtol=0, atol=1e-10)
+    assert count.calls == 2
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_stack_backward_matches_finite_differences(pairs):
+    """gradcheck of the stack's analytic backward for x, vec, rbf, cut and unit (float64), with
+    the filters' rows per edge or per atom pair."""
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    n, f, k, heads = 6, 8, 5, 2
+    layers = [EquivariantAttention(f, k, heads, "silu", "silu", True).double() for _ in range(2)]
+    params = [p.detach().normal_(0.0, 0.5, generator=gen) for layer in layers for p in layer.stack_parameters()]
+    a, b = torch.triu_indices(n, n, 1)
+    idx_i, idx_j = torch.cat([a, b]), torch.cat([b, a])  # every pair, both directions
+    g = MessageGraph.build(idx_i, idx_j, n)
+    e = idx_i.numel()
+    if pairs:
+        index = torch.minimum(g.row, g.col) * n + torch.maximum(g.row, g.col)
+        _, index = torch.unique(index, return_inverse=True)
+        rows = int(index.max()) + 1
+    else:
+        index, rows = None, e
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    inputs = (rnd(n, f), rnd(n, 3, f), rnd(rows, k), torch.rand(e, generator=gen, dtype=torch.float64).requires_grad_(True),
+              rnd(e, 3))
+    assert torch.autograd.gradcheck(
+        lambda x, vec, rbf, cut, unit: et_stack(x, vec, rbf, cut, unit, index, g, params, heads, "silu", "silu", True,
+                                                1e-5),
+        inputs, eps=1e-6, atol=1e-6)
+
+
+def test_stack_only_where_no_graph_leaves_the_call(monkeypatch):
+    """The stack gives no parameter gradients, so the model runs it only for calls whose results
+    it detaches: not when the caller's positions require grad (the caller may differentiate the
+    energy), not for energies alone; and the flag does not outlive a call that failed."""
+    count = _CountStack(monkeypatch)
+    gen = torch.Generator().manual_seed(12)
+    model = make_model().eval().use_fused_kernels(True)
+    rep = model.representation
+    z, pos, batch = random_batch([7, 10], gen)
+    plain = model(z, pos, batch)
+    assert count.calls == 1 and not plain["forces"].requires_grad
+    p = pos.clone().requires_grad_(True)
+    linked = model(z, p, batch)
+    assert count.calls == 1 and linked["energy"].requires_grad
+    torch.testing.assert_close(linked["forces"].detach(), plain["forces"], rtol=0, atol=1e-10)
+    grads = torch.autograd.grad(linked["energy"].sum(), [rep.layers[0].qkv_proj.weight])
+    assert grads[0].abs().max() > 0  # the per-layer path gives parameter gradients
+    model(z, pos, batch, compute_forces=False)
+    assert count.calls == 1
+
+    def fail(*args):
+        raise RuntimeError("failed inside the call")
+
+    model.prior.forward = fail
+    with pytest.raises(RuntimeError, match="failed inside the call"):
+        model(z, pos, batch)
+    del model.prior.forward
+    assert count.calls == 2 and rep.detached_call is False
+    with torch.no_grad():
+        model(z, pos, batch)
+    assert count.calls == 3 and rep.detached_call is False
 
 
 def test_fused_forces_are_equivariant():
@@ -227,7 +328,7 @@ def test_filters_shared_by_pairs_hold_for_edge_lists_without_their_reverse():
                            _both(model, z, pos, batch, edge_index=ei)[1]["forces"])
 
 
-def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model():
+def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model(monkeypatch):
     from forcecentric.data.conformation import Conformation
     from forcecentric.evaluation import predict
 
@@ -238,14 +339,9 @@ def test_api_predict_uses_the_kernels_for_the_call_and_restores_the_model():
         z, pos, _ = random_batch([n], gen)
         recs.append(Conformation(z=z.numpy(), pos=pos.numpy()))
     model.use_fused_kernels(False)
-    calls = []
-    original = EquivariantAttention.forward_fused
-    EquivariantAttention.forward_fused = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
-    try:
-        e_fused, f_fused = predict(model, recs, batch_size=2)
-    finally:
-        EquivariantAttention.forward_fused = original
-    assert calls and not model.uses_fused_kernels  # used for the call, switched back after
+    count = _CountStack(monkeypatch)  # inference: all layers in one kernel call
+    e_fused, f_fused = predict(model, recs, batch_size=2)
+    assert count.calls == 2 and not model.uses_fused_kernels  # used for the call, switched back after
     with torch.no_grad():
         e_ref = [model(torch.as_tensor(r.z), torch.as_tensor(r.pos))["energy"].item() for r in recs]
     np.testing.assert_allclose(e_fused, e_ref, rtol=1e-10)  # energies of ~-5,000 eV (atomrefs)

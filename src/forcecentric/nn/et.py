@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .kernels import MessageGraph, et_message
+from .kernels import MessageGraph, et_message, et_stack
 from .neighbors import radius_graph
 
 __all__ = [
@@ -162,6 +162,7 @@ class EquivariantAttention(nn.Module):
         self.layernorm = nn.LayerNorm(hidden_channels)
         self.act = activation(activation_name)
         self.attn_act = activation(attn_activation_name)
+        self.activation_name = activation_name
         self.attn_activation_name = attn_activation_name
         # query | key | value in one matrix (rows [F | F | 3F]) and the key | value distance
         # filters in another ([F | 3F]): one GEMM each instead of three and two
@@ -270,6 +271,15 @@ class EquivariantAttention(nn.Module):
         return self._update(x_agg, vec_agg, vec3, vec_dot)
 
     @torch.jit.unused
+    def stack_parameters(self) -> list[Tensor]:
+        """The layer's parameters in the order :func:`~forcecentric.nn.kernels.et_stack` reads."""
+        return [
+            self.layernorm.weight, self.layernorm.bias, self.qkv_proj.weight, self.qkv_proj.bias,
+            self.vec_proj.weight, self.filter_proj.weight, self.filter_proj.bias, self.o_proj.weight,
+            self.o_proj.bias,
+        ]
+
+    @torch.jit.unused
     def forward_fused(
         self,
         x: Tensor,
@@ -336,6 +346,13 @@ class ETRepresentation(nn.Module):
         #: 1,029 waters; benchmarks/speed_filters.py)
         self.pair_filters = True
         self.pair_filters_min_edges = 256
+        #: on the fused path, run all layers as one C++ call (one autograd node, whose backward
+        #: gives the forces but no parameter gradients) when the call's outputs leave without a
+        #: graph; see :attr:`detached_call`
+        self.fused_stack = True
+        #: set by :class:`~forcecentric.nn.ForceField` for the duration of a call whose results
+        #: it detaches (inference: nobody can differentiate them with respect to the parameters)
+        self.detached_call = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -456,6 +473,13 @@ class ETRepresentation(nn.Module):
             rbf_index = pair_of_edge.index_select(0, graph.perm)
         else:
             rbf = att_rbf.index_select(0, graph.perm)
+        if self.fused_stack and self.detached_call:
+            first = self.layers[0]
+            params = [t for layer in self.layers for t in layer.stack_parameters()]
+            return et_stack(
+                x, vec, rbf, cut, unit, rbf_index, graph, params, first.num_heads, first.attn_activation_name,
+                first.activation_name, first.vector_cutoff, first.layernorm.eps,
+            )
         for layer in self.layers:
             dx, dvec = layer.forward_fused(x, vec, graph, cut, rbf, unit, rbf_index)
             x = x + dx

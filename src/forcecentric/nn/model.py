@@ -274,12 +274,17 @@ class ForceField(nn.Module):
                 "(training) need the eager model: call model.disable_compile() first"
             )
         # grad enabled; a compiled model's first call is checked against the eager model and, if
-        # it fails, computed again on the eager path
-        with torch.enable_grad():
-            out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
-            if self.is_compiled and self.compile_check is None \
-                    and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
+        # it fails, computed again on the eager path. Results without a graph let the fused path
+        # run its layers as one node without parameter gradients (ETRepresentation.detached_call)
+        self.representation.detached_call = not keep_graph
+        try:
+            with torch.enable_grad():
                 out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
+                if self.is_compiled and self.compile_check is None \
+                        and not self._compiled_forces_ok(z, pos, batch, n_graphs, edge_index, out):
+                    out = self._energy_and_forces(z, pos, batch, n_graphs, edge_index, make_graph, keep_graph)
+        finally:
+            self.representation.detached_call = False
         return out
 
     def _energy_and_forces(

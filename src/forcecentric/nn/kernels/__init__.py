@@ -9,6 +9,14 @@ receiver), and its backward (the forces) in two more: one over receivers, one ov
 The per-edge messages are never stored (only the attention activation and its slope per edge
 and head), and no thread writes where another does.
 
+For calls whose results leave without a graph (energies and forces for MD, evaluation,
+prediction: :class:`~forcecentric.nn.ForceField` says so through ``detached_call``),
+:func:`et_stack` runs all the layers at once in C++: layer norms, projections, distance filters,
+message passing and residual updates forward, then the analytic backward to the stack's inputs.
+One autograd node for the stack instead of a few dozen per layer, no Python between the
+operations, and the per-atom updates in single loops; it gives no parameter gradients, so calls that keep a graph use :func:`et_message` per
+layer.
+
 The extension is compiled on first use with the C++ compiler PyTorch's inductor also needs
 (``torch.utils.cpp_extension``; about half a minute, then cached under ``TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``). Its backward is not differentiable again, so it serves
@@ -30,14 +38,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MessageGraph", "et_message", "load_extension", "use_fused_if_available", "ACTIVATION_CODES"]
+__all__ = ["MessageGraph", "et_message", "et_stack", "load_extension", "use_fused_if_available", "ACTIVATION_CODES"]
 
 #: activation name -> code understood by the kernel
 ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
 
 _SOURCE = Path(__file__).with_name("et_message_cpu.cpp")
 # versioned: a changed kernel interface gets a new cache entry instead of a stale module
-_NAME = "forcecentric_et_message_v5"
+_NAME = "forcecentric_et_message_v6"
 _lock = threading.Lock()
 _ext = None
 _error: RuntimeError | None = None  # a failed build is not retried in this process
@@ -229,4 +237,63 @@ def et_message(
     return _ETMessage.apply(
         qkv.contiguous(), vec.contiguous(), filt.contiguous(), cut.contiguous(),
         unit.contiguous(), graph, int(heads), ACTIVATION_CODES[activation], bool(vector_cutoff),
+    )
+
+
+class _ETStack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, vec, rbf, cut, unit, rbf_index, graph, params, heads, act, filter_act, vector_cutoff, eps):
+        out = load_extension().stack_forward(
+            x, vec, rbf, rbf_index, cut, unit, graph.rowptr, graph.col, params, heads, act, filter_act,
+            vector_cutoff, eps,
+        )
+        # the layers' intermediates (no autograd history: kept on ctx, not save_for_backward)
+        ctx.saved = out[2:]
+        ctx.save_for_backward(rbf, rbf_index, cut, unit)
+        ctx.graph, ctx.params = graph, params
+        ctx.heads, ctx.filter_act, ctx.vector_cutoff = heads, filter_act, vector_cutoff
+        return out[0], out[1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_vec):
+        rbf, rbf_index, cut, unit = ctx.saved_tensors
+        g = ctx.graph
+        grads = load_extension().stack_backward(
+            grad_x, grad_vec, ctx.saved, rbf, rbf_index, cut, unit, g.rowptr, g.col, g.colptr, g.colperm,
+            g.row, ctx.params, ctx.heads, ctx.filter_act, ctx.vector_cutoff,
+        )
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def et_stack(
+    x: Tensor,
+    vec: Tensor,
+    rbf: Tensor,
+    cut: Tensor,
+    unit: Tensor,
+    rbf_index: Tensor | None,
+    graph: MessageGraph,
+    params: list[Tensor],
+    heads: int,
+    activation: str,
+    filter_activation: str,
+    vector_cutoff: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """All the ET's attention layers at once, with the residual updates: ``(x, vec)`` after the
+    last layer, for inference. One autograd node for the stack: its backward (the forces) gives
+    the gradients of ``x``, ``vec``, ``rbf``, ``cut`` and ``unit`` and **none for the
+    parameters**, so call it only where nobody differentiates with respect to them.
+
+    ``params`` holds 9 tensors per layer: layer norm weight and bias, ``qkv`` weight and bias,
+    vector projection weight, filter weight and bias, output weight and bias (see
+    :class:`~forcecentric.nn.et.EquivariantAttention`). ``rbf`` has one row per edge in
+    ``graph``'s receiver order, or one per atom pair with ``rbf_index [E]`` giving each edge's
+    row; ``cut`` and ``unit`` are in receiver order."""
+    index = rbf_index.contiguous() if rbf_index is not None else rbf.new_empty(0, dtype=torch.long)
+    return _ETStack.apply(
+        x.contiguous(), vec.contiguous(), rbf.contiguous(), cut.contiguous(), unit.contiguous(), index, graph,
+        [p.detach().contiguous() for p in params], int(heads), ACTIVATION_CODES[activation],
+        ACTIVATION_CODES[filter_activation], bool(vector_cutoff), float(eps),
     )

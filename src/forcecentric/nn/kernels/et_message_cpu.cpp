@@ -336,7 +336,212 @@ std::vector<torch::Tensor> et_message_backward(
   return {gqkv, gvec, gfilt, gcut, gunit};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole layer stack in one call, forward and analytic backward (inference: energies and
+// forces). Per layer, with x [N, F], vec [N, 3, F] and the per-layer weights
+//   xn = LayerNorm(x);  qkv = xn Wqkv^T + bqkv;  [vec1 | vec2 | vec3] = vec Wvec^T
+//   filt = act(rbf Wf^T + bf)  (rows per atom pair, gathered per edge through rbf_index)
+//   x_agg, vec_agg = message passing (the kernels above);  [o1 | o2 | o3] = x_agg Wo^T + bo
+//   x' = x + (sum_m vec1 vec2) o2 + o3;   vec' = vec + vec3 o1 + vec_agg
+// which is EquivariantAttention.forward_fused's arithmetic, without an autograd node per
+// operation. The backward gives the gradients of the stack's input x, vec, rbf, cut and unit
+// only: no parameter gradients (the caller guarantees nobody asks for them).
+
+namespace {
+
+constexpr int kStackParams = 9;  // ln_w, ln_b, qkv_w, qkv_b, vec_w, filt_w, filt_b, o_w, o_b
+constexpr int kStackSaved = 12;  // per layer, see et_stack_forward
+
+torch::Tensor filter_act(const torch::Tensor& pre, int64_t act) {
+  switch (act) {
+    case SILU: return at::silu(pre);
+    case SSP: return at::softplus(pre, 1, 20) - 0.69314718055994530942;
+    case TANH: return at::tanh(pre);
+    default: return at::gelu(pre);
+  }
+}
+
+torch::Tensor filter_act_backward(const torch::Tensor& grad, const torch::Tensor& pre,
+                                  const torch::Tensor& out, int64_t act) {
+  switch (act) {
+    case SILU: return at::silu_backward(grad, pre);
+    case SSP: return at::softplus_backward(grad, pre, 1, 20);
+    case TANH: return at::tanh_backward(grad, out);
+    default: return at::gelu_backward(grad, pre);
+  }
+}
+
+// x' = x + vdot o2 + o3, vec' = vec + vec3 o1 + vec_agg, with vdot = sum_m vec1 vec2 (also
+// written out: the backward needs it)
+template <typename T>
+void update_impl(const T* __restrict__ X, const T* __restrict__ VEC, const T* __restrict__ VP,
+                 const T* __restrict__ O, const T* __restrict__ VA, T* __restrict__ XN,
+                 T* __restrict__ VECN, T* __restrict__ VDOT, int64_t n, int64_t f) {
+  at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* __restrict__ o = O + i * 3 * f;
+      const T* __restrict__ vp = VP + i * 9 * f;
+#pragma omp simd
+      for (int64_t c = 0; c < f; ++c) {
+        const T vd = vp[c] * vp[f + c] + vp[3 * f + c] * vp[4 * f + c] + vp[6 * f + c] * vp[7 * f + c];
+        VDOT[i * f + c] = vd;
+        XN[i * f + c] = X[i * f + c] + (vd * o[f + c] + o[2 * f + c]);
+      }
+      for (int64_t m = 0; m < 3; ++m) {
+        const int64_t b = (i * 3 + m) * f;
+#pragma omp simd
+        for (int64_t c = 0; c < f; ++c) {
+          VECN[b + c] = VEC[b + c] + (vp[3 * m * f + 2 * f + c] * o[c] + VA[b + c]);
+        }
+      }
+    }
+  });
+}
+
+// gradients of o = [o1 | o2 | o3] and of the vector projection [vec1 | vec2 | vec3] from those
+// of x' and vec' (see update_impl)
+template <typename T>
+void update_backward_impl(const T* __restrict__ GX, const T* __restrict__ GVEC,
+                          const T* __restrict__ VP, const T* __restrict__ O,
+                          const T* __restrict__ VDOT, T* __restrict__ GO, T* __restrict__ GVP,
+                          int64_t n, int64_t f) {
+  at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* __restrict__ o = O + i * 3 * f;
+      const T* __restrict__ vp = VP + i * 9 * f;
+      const T* __restrict__ gx = GX + i * f;
+      const T* __restrict__ gv = GVEC + i * 3 * f;
+      T* __restrict__ go = GO + i * 3 * f;
+      T* __restrict__ gvp = GVP + i * 9 * f;
+#pragma omp simd
+      for (int64_t c = 0; c < f; ++c) {
+        const T gvd = gx[c] * o[f + c];  // d vdot
+        go[c] = gv[c] * vp[2 * f + c] + gv[f + c] * vp[5 * f + c] + gv[2 * f + c] * vp[8 * f + c];
+        go[f + c] = gx[c] * VDOT[i * f + c];
+        go[2 * f + c] = gx[c];
+        for (int64_t m = 0; m < 3; ++m) {
+          gvp[3 * m * f + c] = gvd * vp[3 * m * f + f + c];
+          gvp[3 * m * f + f + c] = gvd * vp[3 * m * f + c];
+          gvp[3 * m * f + 2 * f + c] = gv[m * f + c] * o[c];
+        }
+      }
+    }
+  });
+}
+
+void check_stack(const torch::Tensor& x, const std::vector<torch::Tensor>& params,
+                 const torch::Tensor& rbf, const torch::Tensor& rbf_index, int64_t edges) {
+  TORCH_CHECK(!params.empty() && params.size() % kStackParams == 0,
+              "et_stack: ", kStackParams, " parameters per layer expected, got ", params.size());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "et_stack: x must be a contiguous [N, F]");
+  TORCH_CHECK(rbf.dim() == 2 && rbf.is_contiguous() && rbf.scalar_type() == x.scalar_type(),
+              "et_stack: rbf must be a contiguous [P, K] of x's dtype");
+  if (rbf_index.numel() > 0 || rbf.size(0) != edges) {
+    TORCH_CHECK(rbf_index.dim() == 1 && rbf_index.size(0) == edges &&
+                    rbf_index.scalar_type() == torch::kLong,
+                "et_stack: rbf_index must be an int64 [E] when rbf has one row per atom pair");
+  }
+  for (const auto& p : params) {
+    TORCH_CHECK(p.is_contiguous() && p.scalar_type() == x.scalar_type() && !p.requires_grad(),
+                "et_stack: parameters must be contiguous, of x's dtype and detached");
+  }
+}
+
+}  // namespace
+
+// returns {x_out, vec_out, then per layer: x, mean, rstd, qkv, vec, vp, pre, filt, filt_e, acts, o, vdot}
+std::vector<torch::Tensor> et_stack_forward(torch::Tensor x, torch::Tensor vec, torch::Tensor rbf,
+                                            torch::Tensor rbf_index, torch::Tensor cut,
+                                            torch::Tensor unit, torch::Tensor rowptr,
+                                            torch::Tensor col, std::vector<torch::Tensor> params,
+                                            int64_t heads, int64_t act, int64_t filter_act_code,
+                                            bool vector_cutoff, double eps) {
+  const int64_t n = x.size(0), f = x.size(1), e = col.size(0);
+  check_stack(x, params, rbf, rbf_index, e);
+  const bool pairs = rbf_index.numel() > 0;
+  const int64_t layers = static_cast<int64_t>(params.size()) / kStackParams;
+  std::vector<torch::Tensor> out(2);
+  out.reserve(2 + layers * kStackSaved);
+  for (int64_t l = 0; l < layers; ++l) {
+    const torch::Tensor* w = params.data() + l * kStackParams;
+    auto ln = at::native_layer_norm(x, {f}, w[0], w[1], eps);
+    const auto& xn = std::get<0>(ln);
+    auto qkv = at::addmm(w[3], xn, w[2].t());
+    auto vp = at::mm(vec.view({3 * n, f}), w[4].t()).view({n, 3, 3 * f});
+    auto pre = at::addmm(w[6], rbf, w[5].t());
+    auto filt = filter_act(pre, filter_act_code);
+    auto filt_e = pairs ? filt.index_select(0, rbf_index) : filt;
+    auto msg = et_message_forward(qkv, vec, filt_e, cut, unit, rowptr, col, heads, act, vector_cutoff);
+    auto o = at::addmm(w[8], msg[0], w[7].t());
+    auto x_next = torch::empty_like(x), vec_next = torch::empty_like(vec), vdot = torch::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "et_stack_update", [&] {
+      update_impl<scalar_t>(x.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), vp.data_ptr<scalar_t>(),
+                            o.data_ptr<scalar_t>(), msg[1].data_ptr<scalar_t>(),
+                            x_next.data_ptr<scalar_t>(), vec_next.data_ptr<scalar_t>(),
+                            vdot.data_ptr<scalar_t>(), n, f);
+    });
+    for (const auto& t : {x, std::get<1>(ln), std::get<2>(ln), qkv, vec, vp, pre, filt, filt_e, msg[2], o, vdot}) {
+      out.push_back(t);
+    }
+    x = x_next;
+    vec = vec_next;
+  }
+  out[0] = x;
+  out[1] = vec;
+  return out;
+}
+
+// gradients {x, vec, rbf, cut, unit} of the stack's inputs from those of its outputs
+std::vector<torch::Tensor> et_stack_backward(
+    torch::Tensor grad_x, torch::Tensor grad_vec, std::vector<torch::Tensor> saved,
+    torch::Tensor rbf, torch::Tensor rbf_index, torch::Tensor cut, torch::Tensor unit,
+    torch::Tensor rowptr, torch::Tensor col, torch::Tensor colptr, torch::Tensor colperm,
+    torch::Tensor row, std::vector<torch::Tensor> params, int64_t heads, int64_t filter_act_code,
+    bool vector_cutoff) {
+  const int64_t per = kStackSaved;
+  const int64_t layers = static_cast<int64_t>(params.size()) / kStackParams;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == layers * per, "et_stack: saved tensors");
+  const bool pairs = rbf_index.numel() > 0;
+  auto gx = grad_x.contiguous(), gvec = grad_vec.contiguous();
+  auto g_rbf = torch::zeros_like(rbf), g_cut = torch::zeros_like(cut), g_unit = torch::zeros_like(unit);
+  for (int64_t l = layers - 1; l >= 0; --l) {
+    const torch::Tensor* w = params.data() + l * kStackParams;
+    const torch::Tensor* s = saved.data() + l * per;
+    const auto &x = s[0], &mean = s[1], &rstd = s[2], &qkv = s[3], &vec = s[4], &vp = s[5],
+               &pre = s[6], &filt = s[7], &filt_e = s[8], &acts = s[9], &o = s[10], &vdot = s[11];
+    const int64_t n = x.size(0), f = x.size(1);
+    auto go = torch::empty_like(o), gvp = torch::empty_like(vp);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "et_stack_update_backward", [&] {
+      update_backward_impl<scalar_t>(gx.data_ptr<scalar_t>(), gvec.data_ptr<scalar_t>(),
+                                     vp.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
+                                     vdot.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
+                                     gvp.data_ptr<scalar_t>(), n, f);
+    });
+    auto g_xagg = at::mm(go, w[7]);
+    // vec_agg enters vec' unchanged: its gradient is grad_vec
+    auto g = et_message_backward(g_xagg, gvec, qkv, vec, filt_e, cut, unit, acts, rowptr, col,
+                                 colptr, colperm, row, heads, vector_cutoff);
+    g_cut.add_(g[3]);
+    g_unit.add_(g[4]);
+    auto g_filt = pairs ? torch::zeros_like(filt).index_add_(0, rbf_index, g[2]) : g[2];
+    auto g_pre = filter_act_backward(g_filt, pre, filt, filter_act_code);
+    g_rbf.addmm_(g_pre, w[5]);
+    // vec: the residual, the messages' senders and the vector projection
+    auto gvec_next = g[1].add_(gvec);
+    gvec_next.view({3 * n, f}).addmm_(gvp.view({3 * n, 3 * f}), w[4]);
+    // x: the residual and the layer norm under the q/k/v projection
+    auto g_xn = at::mm(g[0], w[2]);
+    auto g_ln = at::native_layer_norm_backward(g_xn, x, {f}, mean, rstd, w[0], w[1],
+                                               {true, false, false});
+    gx = std::get<0>(g_ln).add_(gx);
+    gvec = gvec_next;
+  }
+  return {gx, gvec, g_rbf, g_cut, g_unit};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &et_message_forward, "fused ET message passing, forward (CPU)");
   m.def("backward", &et_message_backward, "fused ET message passing, backward (CPU)");
+  m.def("stack_forward", &et_stack_forward, "the ET's layer stack, forward (CPU inference)");
+  m.def("stack_backward", &et_stack_backward, "the ET's layer stack, backward to its inputs (CPU)");
 }
