@@ -1,24 +1,26 @@
-"""The fused path's layers in one C++ call against one kernel call per layer (CPU inference).
+"""The fused path's inference call in whole C++ pieces against one kernel call per layer (CPU).
 
     python benchmarks/speed_stack.py [--molecules ethanol,aspirin,3BPA,deca-alanine] [--size paper]
 
 An energy + forces call whose results leave without a graph (MD, evaluation, prediction) runs
-the ET's attention layers as one C++ call, forward and analytic backward
-(``forcecentric.nn.kernels.et_stack``): no Python and no autograd node per operation, and the
-per-atom elementwise updates fused into single loops. This script times the whole call of the
-fused model side by side, one process, alternating rounds, two ways:
+on the fused path as three C++ calls, each forward and analytic backward
+(``forcecentric.nn.kernels``): the front (geometry, radial basis, embeddings; ``et_front``),
+all the attention layers (``et_stack``) and the energy head (``energy_head``). No Python and no
+autograd node per operation, and the per-atom updates fused into single loops. This script
+times the whole call of the fused model side by side, one process, alternating rounds:
 
-* ``stack``: all layers in one call (the default for such calls);
+* ``whole``: the three C++ calls (the default for such calls);
+* ``stack_only``: the layers as one call, the front and the head as PyTorch operations;
 * ``per_layer``: one fused kernel call per layer, with the layer norm, projections, filters and
   updates as separate PyTorch operations under autograd (the fused path before 2026-12-08, and
   still the path of calls that keep a graph);
+* ``eager`` (with ``--paths``): the plain PyTorch model.
 
-and, with ``--paths stack,per_layer,eager``, the eager model too. It checks first that the
-variants give the same forces. It also splits the ``stack`` call: the time spent inside the
-stack's forward and backward, and the rest (neighbour search, geometry, embeddings, output
-head, autograd). Figures are medians. ``water-cluster`` (speed.py's 1,029 atoms) is slow: time
-it with ``--molecules water-cluster --rounds 3 --repeats 3``. Writes
-benchmarks/results/speed_stack.json.
+It checks first that the paths give the same forces. It also splits the first path's call: the
+time inside the C++ calls (forward and backward) and the rest (neighbour search, the edge
+sorting, autograd, the output norm and prior). Figures are medians. ``water-cluster``
+(speed.py's 1,029 atoms) is slow: time it with ``--molecules water-cluster --rounds 3
+--repeats 3``. Writes benchmarks/results/speed_stack.json.
 """
 
 from __future__ import annotations
@@ -44,16 +46,18 @@ from forcecentric.nn import kernels  # noqa: E402
 from forcecentric.nn.model import ForceField  # noqa: E402
 from forcecentric.provenance import machine_info, versions  # noqa: E402
 
-PATHS = ("stack", "per_layer", "eager")
+PATHS = ("whole", "stack_only", "per_layer", "eager")
 
 
 def set_path(model: ForceField, path: str) -> None:
     model.use_fused_kernels(path != "eager")
-    model.representation.fused_stack = path == "stack"
+    rep = model.representation
+    rep.fused_stack = path in ("whole", "stack_only")
+    rep.fused_front = model.fused_head = path == "whole"
 
 
-class _StackTimer:
-    """Wall time spent inside the stack's C++ forward and backward (wraps the extension)."""
+class _ExtensionTimer:
+    """Wall time spent inside the extension's calls (wraps it)."""
 
     def __init__(self) -> None:
         self.ext = kernels.load_extension()
@@ -72,12 +76,12 @@ class _StackTimer:
         return timed
 
 
-def stack_share(model: ForceField, z, pos, batch, repeats: int) -> dict:
-    """Mean ms per call of the whole ``stack`` call and of its time inside the stack."""
-    set_path(model, "stack")
+def cpp_share(model: ForceField, path: str, z, pos, batch, repeats: int) -> dict:
+    """Mean ms per call of ``path``'s whole call and of its time inside the C++ extension."""
+    set_path(model, path)
     for _ in range(3):
         model(z, pos, batch)
-    timer = _StackTimer()
+    timer = _ExtensionTimer()
     kernels._ext = timer
     try:
         t = time.perf_counter()
@@ -87,8 +91,8 @@ def stack_share(model: ForceField, z, pos, batch, repeats: int) -> dict:
     finally:
         kernels._ext = timer.ext
     inside = 1000 * timer.seconds / repeats
-    return {"call_ms_mean": round(1000 * total / repeats, 3), "inside_stack_ms_mean": round(inside, 3),
-            "outside_stack_ms_mean": round(1000 * total / repeats - inside, 3)}
+    return {"path": path, "call_ms_mean": round(1000 * total / repeats, 3), "inside_cpp_ms_mean": round(inside, 3),
+            "outside_cpp_ms_mean": round(1000 * total / repeats - inside, 3)}
 
 
 def measure(molecule: str, args) -> dict:
@@ -118,10 +122,9 @@ def measure(molecule: str, args) -> dict:
            "max_abs_force_deviation_from_" + paths[0]: max_dev,
            "ms_median": {p: round(statistics.median(v), 3) for p, v in times.items()},
            "ms_rounds": times}
-    if "stack" in paths and "per_layer" in paths:
-        out["per_layer_over_stack"] = round(out["ms_median"]["per_layer"] / out["ms_median"]["stack"], 3)
-    if "stack" in paths:
-        out["stack_split"] = stack_share(model, z, pos, batch, args.repeats)
+    out["over_" + paths[0]] = {p: round(out["ms_median"][p] / out["ms_median"][paths[0]], 3) for p in paths[1:]}
+    if paths[0] != "eager":
+        out["split"] = cpp_share(model, paths[0], z, pos, batch, args.repeats)
     return out
 
 
@@ -133,12 +136,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds per molecule")
     p.add_argument("--repeats", type=int, default=30, help="calls per timing")
-    p.add_argument("--paths", default="stack,per_layer", help=f"comma-separated, from {', '.join(PATHS)}")
+    p.add_argument("--paths", default="whole,stack_only,per_layer",
+                   help=f"comma-separated, from {', '.join(PATHS)}; ratios are to the first")
     p.add_argument("--out", default=str(HERE / "results" / "speed_stack.json"))
     args = p.parse_args()
-    molecules = args.molecules.split(",")
+    molecules, paths = args.molecules.split(","), args.paths.split(",")
     unknown = [m for m in molecules if m not in MOLECULES and m != "water-cluster"]
-    bad_paths = [x for x in args.paths.split(",") if x not in PATHS]
+    bad_paths = [x for x in paths if x not in PATHS]
     if unknown or bad_paths:
         p.error(f"unknown molecules {unknown} or paths {bad_paths}")
     torch.set_num_threads(args.threads)
@@ -148,8 +152,8 @@ def main() -> None:
         rows.append(row)
         print(f"{molecule} ({row['n_atoms']} atoms, {row['edges']} edges): "
               + ", ".join(f"{k} {v} ms" for k, v in row["ms_median"].items())
-              + (f"; per layer / stack {row['per_layer_over_stack']}x" if "per_layer_over_stack" in row else "")
-              + (f"; outside the stack {row['stack_split']['outside_stack_ms_mean']} ms" if "stack_split" in row else ""),
+              + "".join(f"; {p} / {paths[0]} {v}x" for p, v in row["over_" + paths[0]].items())
+              + (f"; outside C++ {row['split']['outside_cpp_ms_mean']} ms" if "split" in row else ""),
               flush=True)
     write_json({"size": SIZES[args.size], "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
                 "dtype": "float32", "machine": machine_info("cpu"), "versions": versions(), "rows": rows}, args.out)

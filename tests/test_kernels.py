@@ -18,7 +18,8 @@ import forcecentric
 from forcecentric.nn import ForceField, radius_graph
 from forcecentric.nn.et import EquivariantAttention
 import forcecentric.nn.kernels as kernels
-from forcecentric.nn.kernels import MessageGraph, et_message, et_stack, load_extension
+from forcecentric.nn.heads import EnergyHead
+from forcecentric.nn.kernels import MessageGraph, energy_head, et_front, et_message, et_stack, load_extension
 
 from test_nn import make_model, random_batch, random_orthogonal
 
@@ -105,31 +106,35 @@ def test_layer_fused_equals_eager(attn, vector_cutoff):
 
 
 class _CountStack:
-    """Counts the calls of the whole-stack kernel (to tell which fused path ran)."""
+    """Counts the calls of a C++ inference piece, the layer stack by default (to tell which fused
+    path ran)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, function=kernels._ETStack):
         self.calls = 0
-        real = kernels._ETStack.apply
+        real = function.apply
 
         def counted(*args):
             self.calls += 1
             return real(*args)
 
-        monkeypatch.setattr(kernels._ETStack, "apply", counted)
+        monkeypatch.setattr(function, "apply", counted)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("hidden,heads", [(32, 4), (48, 2)])  # head size 8 (specialised), 24 (generic)
 @pytest.mark.parametrize("stack", [True, False])
 def test_model_fused_equals_eager_on_a_batch(dtype, atol, hidden, heads, stack, monkeypatch):
-    """Both fused paths: all layers in one call (inference), and one kernel call per layer."""
+    """Both fused paths: the front, all layers and the head each in one call (inference), and one
+    kernel call per layer."""
     count = _CountStack(monkeypatch)
+    front = _CountStack(monkeypatch, kernels._ETFront)
+    head = _CountStack(monkeypatch, kernels._EnergyHead)
     gen = torch.Generator().manual_seed(3)
     model = make_model(dtype=dtype, hidden_channels=hidden, num_heads=heads).eval()
     model.representation.fused_stack = stack
     z, pos, batch = random_batch([1, 4, 17, 30], gen, dtype=dtype)  # a lone atom, sparse and dense graphs
     eager, fused = _both(model, z, pos, batch)
-    assert count.calls == int(stack)
+    assert count.calls == front.calls == head.calls == int(stack)
     torch.testing.assert_close(fused["energy"], eager["energy"], rtol=0, atol=atol * 10)
     torch.testing.assert_close(fused["forces"], eager["forces"], rtol=0, atol=atol)
     assert fused["forces"].abs().max() > 0.1  # not trivially zero
@@ -183,6 +188,69 @@ def test_stack_backward_matches_finite_differences(pairs):
         inputs, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", ["silu", "ssp", "tanh", "gelu"])
+def test_energy_head_in_cpp_equals_the_module_and_its_backward_matches_finite_differences(act):
+    gen = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    n, f = 7, 12
+    head = EnergyHead(f, act).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.5, generator=gen)
+    x = torch.randn(n, f, generator=gen, dtype=torch.float64, requires_grad=True)
+    vec = torch.randn(n, 3, f, generator=gen, dtype=torch.float64, requires_grad=True)
+    vec.data[0, :, :3] = 0.0  # a zero vector channel (a lone atom's): the norm's epsilon
+    params = head.fused_parameters()
+    ref, got = head(x, vec), energy_head(x, vec, params, act)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(n, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), [x, vec]), torch.autograd.grad((ref * w).sum(), [x, vec])):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda x, vec: energy_head(x, vec, params, act), (x, vec), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("neighbor_embedding", [True, False])
+def test_front_in_cpp_equals_eager_and_its_backward_matches_finite_differences(neighbor_embedding):
+    """The representation's front: initial scalars, radial basis, cutoff and unit vectors of the
+    real edges and the self loops, and the gradient of the positions (float64)."""
+    gen = torch.Generator().manual_seed(14)
+    model = make_model(neighbor_embedding=neighbor_embedding)
+    rep = model.representation
+    with torch.no_grad():
+        rep.distance_expansion.betas.mul_(0.5)  # trained widths, not the initial ones
+    z, pos, batch = random_batch([8], gen)
+    idx_i, idx_j = radius_graph(pos, batch, model.cutoff)
+    n, e = len(z), len(idx_i)
+    params = [rep.embedding.weight, rep.distance_expansion.means, rep.distance_expansion.betas]
+    if neighbor_embedding:
+        ne = rep.neighbor_embedding
+        params += [ne.embedding.weight, ne.distance_proj.weight, ne.distance_proj.bias, ne.combine.weight,
+                   ne.combine.bias]
+
+    def eager(p):
+        d = p.index_select(0, idx_j) - p.index_select(0, idx_i)
+        r = torch.linalg.vector_norm(d, dim=-1)
+        att_r = torch.cat([r, r.new_zeros(n)])
+        rbf = rep.distance_expansion(att_r)
+        x = rep.embedding(z)
+        if neighbor_embedding:
+            x = rep.neighbor_embedding(z, x, idx_i, idx_j, r, rbf[:e])
+        return x, rbf, rep.cutoff_fn(att_r), torch.cat([d / r.unsqueeze(-1), d.new_zeros(n, 3)])
+
+    def front(p):
+        return et_front(p, z, idx_i, idx_j, params, rep.cutoff, rep.distance_expansion.alpha)
+
+    p = pos.clone().requires_grad_(True)
+    got, ref = front(p), eager(p)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (g_got,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), [p])
+    (g_ref,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), [p])
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-11, atol=1e-11)
+    assert torch.autograd.gradcheck(front, (p,), eps=1e-6, atol=1e-6)
+
+
 def test_stack_only_where_no_graph_leaves_the_call(monkeypatch):
     """The stack gives no parameter gradients, so the model runs it only for calls whose results
     it detaches: not when the caller's positions require grad (the caller may differentiate the
@@ -198,8 +266,9 @@ def test_stack_only_where_no_graph_leaves_the_call(monkeypatch):
     linked = model(z, p, batch)
     assert count.calls == 1 and linked["energy"].requires_grad
     torch.testing.assert_close(linked["forces"].detach(), plain["forces"], rtol=0, atol=1e-10)
-    grads = torch.autograd.grad(linked["energy"].sum(), [rep.layers[0].qkv_proj.weight])
-    assert grads[0].abs().max() > 0  # the per-layer path gives parameter gradients
+    grads = torch.autograd.grad(linked["energy"].sum(), [rep.layers[0].qkv_proj.weight,
+                                                          model.energy_head.block1.vec1_proj.weight])
+    assert all(g.abs().max() > 0 for g in grads)  # the per-layer path and the module head give them
     model(z, pos, batch, compute_forces=False)
     assert count.calls == 1
 

@@ -204,22 +204,25 @@ def test_filter_benchmark_whole_call_ab_covers_the_eager_path(tmp_path):
     assert bad.returncode != 0 and "--paths" in bad.stderr
 
 
-def test_stack_benchmark_times_the_paths_side_by_side_and_splits_the_stack_call(tmp_path):
-    """speed_stack.py: the fused call with all layers in one C++ call, per layer and eager, the
-    same forces, alternating rounds, and the stack call's time inside and outside the stack."""
+def test_stack_benchmark_times_the_paths_side_by_side_and_splits_the_call(tmp_path):
+    """speed_stack.py: the fused call as whole C++ pieces, with the layers alone in one call, per
+    layer and eager: the same forces, alternating rounds, the ratios to the first path, and the
+    first path's time inside and outside the C++ calls."""
     out = tmp_path / "ss.json"
     res = subprocess.run([sys.executable, str(BENCH / "speed_stack.py"), "--molecules", "ethanol", "--size", "demo",
-                          "--paths", "stack,per_layer,eager", "--rounds", "2", "--repeats", "2", "--threads", "1",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--paths", "whole,stack_only,per_layer,eager", "--rounds", "2", "--repeats", "2",
+                          "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     (row,) = doc["rows"]
-    assert row["n_atoms"] == 9 and set(row["ms_median"]) == {"stack", "per_layer", "eager"}
+    assert row["n_atoms"] == 9 and set(row["ms_median"]) == {"whole", "stack_only", "per_layer", "eager"}
     assert all(len(v) == 2 for v in row["ms_rounds"].values())
-    assert all(v < 1e-4 for v in row["max_abs_force_deviation_from_stack"].values())
-    split = row["stack_split"]
-    assert 0 < split["inside_stack_ms_mean"] < split["call_ms_mean"]
-    assert row["per_layer_over_stack"] > 0 and "machine" in doc and "versions" in doc
+    dev = row["max_abs_force_deviation_from_whole"]
+    assert set(dev) == {"stack_only", "per_layer", "eager"} and all(v < 1e-4 for v in dev.values())
+    assert set(row["over_whole"]) == set(dev) and all(v > 0 for v in row["over_whole"].values())
+    split = row["split"]
+    assert split["path"] == "whole" and 0 < split["inside_cpp_ms_mean"] < split["call_ms_mean"]
+    assert "machine" in doc and "versions" in doc
     bad = subprocess.run([sys.executable, str(BENCH / "speed_stack.py"), "--paths", "gpu"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "paths" in bad.stderr

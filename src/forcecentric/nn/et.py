@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .kernels import MessageGraph, et_message, et_stack
+from .kernels import MessageGraph, et_front, et_message, et_stack
 from .neighbors import radius_graph
 
 __all__ = [
@@ -350,6 +350,8 @@ class ETRepresentation(nn.Module):
         #: gives the forces but no parameter gradients) when the call's outputs leave without a
         #: graph; see :attr:`detached_call`
         self.fused_stack = True
+        #: with the stack, also the front (geometry, radial basis, embeddings) as one C++ call
+        self.fused_front = True
         #: set by :class:`~forcecentric.nn.ForceField` for the duration of a call whose results
         #: it detaches (inference: nobody can differentiate them with respect to the parameters)
         self.detached_call = False
@@ -379,6 +381,8 @@ class ETRepresentation(nn.Module):
         n = z.shape[0]
         if edge_index is None:
             edge_index = self._radius_graph(pos, batch)
+        if not torch.jit.is_scripting() and self._whole_inference(pos):
+            return self._forward_inference(z, pos, edge_index)
         idx_i, idx_j = edge_index[0], edge_index[1]
 
         # geometry of the real edges (differentiable w.r.t. pos)
@@ -402,8 +406,8 @@ class ETRepresentation(nn.Module):
 
         vec = x.new_zeros(n, 3, self.hidden_channels)
         pairs: Optional[Tuple[Tensor, Tensor]] = None
-        if self.pair_filters and not torch.jit.is_scripting() and self._pairs_apply(att_i):
-            pairs = self._filter_pairs(att_i, att_j, n)
+        if not torch.jit.is_scripting():
+            pairs = self._pairs(att_i, att_j, n)
         if self.fused and not torch.jit.is_scripting() and self._fused_applies(x):
             x, vec = self._layers_fused(x, vec, att_i, att_j, att_cut, att_rbf, att_unit, pairs)
         else:
@@ -417,6 +421,38 @@ class ETRepresentation(nn.Module):
                 vec = vec + dvec
         x = self.out_norm(x)
         return x, vec
+
+    @torch.jit.unused
+    def _whole_inference(self, pos: Tensor) -> bool:
+        # the front, the layers (and the model's energy head) in C++, without parameter gradients
+        return self.fused and self.fused_stack and self.fused_front and self.detached_call and self._fused_applies(pos)
+
+    @torch.jit.unused
+    def _forward_inference(self, z: Tensor, pos: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` for the calls :attr:`detached_call` marks, on the fused path: the front
+        (geometry, radial basis, embeddings) and the layers each one C++ call."""
+        n = z.shape[0]
+        idx_i, idx_j = edge_index[0].long(), edge_index[1].long()
+        params = [self.embedding.weight, self.distance_expansion.means, self.distance_expansion.betas]
+        if self.neighbor_embedding is not None:
+            ne = self.neighbor_embedding
+            params += [ne.embedding.weight, ne.distance_proj.weight, ne.distance_proj.bias, ne.combine.weight,
+                       ne.combine.bias]
+        x, att_rbf, att_cut, att_unit = et_front(
+            pos, z, idx_i, idx_j, params, self.cutoff, self.distance_expansion.alpha
+        )
+        loops = torch.arange(n, device=z.device, dtype=idx_i.dtype)
+        att_i = torch.cat([idx_i, loops])
+        att_j = torch.cat([idx_j, loops])
+        vec = x.new_zeros(n, 3, self.hidden_channels)
+        x, vec = self._layers_fused(x, vec, att_i, att_j, att_cut, att_rbf, att_unit, self._pairs(att_i, att_j, n))
+        return self.out_norm(x), vec
+
+    @torch.jit.unused
+    def _pairs(self, att_i: Tensor, att_j: Tensor, n: int) -> Optional[Tuple[Tensor, Tensor]]:
+        if self.pair_filters and self._pairs_apply(att_i):
+            return self._filter_pairs(att_i, att_j, n)
+        return None
 
     @torch.jit.unused
     def _fused_applies(self, x: Tensor) -> bool:

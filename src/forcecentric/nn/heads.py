@@ -107,6 +107,14 @@ class EnergyHead(nn.Module):
         x, _ = self.block2(x, vec)
         return x.squeeze(-1)
 
+    @torch.jit.unused
+    def fused_parameters(self) -> list[Tensor]:
+        """The parameters in the order :func:`forcecentric.nn.kernels.energy_head` reads."""
+        b1, b2 = self.block1, self.block2
+        return [b1.vec1_proj.weight, b1.vec2_proj.weight, b1.update_net[0].weight, b1.update_net[0].bias,
+                b1.update_net[2].weight, b1.update_net[2].bias, b2.vec1_proj.weight, b2.update_net[0].weight,
+                b2.update_net[0].bias, b2.update_net[2].weight, b2.update_net[2].bias]
+
 
 class ScalarVectorHead(nn.Module):
     """Per-atom invariant scalar ``[N]`` and equivariant vector ``[N, 3]`` from ``(x, vec)``."""

@@ -58,6 +58,9 @@ class ForceField(nn.Module):
             VectorHead(config.hidden_channels, config.activation) if config.denoise_head else None
         )
         self.prior = EnergyPrior(config.max_z)
+        #: run the energy head in C++ too where the layers run as one C++ call (fused CPU inference
+        #: whose results leave without a graph; see ETRepresentation.fused_stack)
+        self.fused_head = True
 
     # ------------------------------------------------------------------ prior buffers
     @property
@@ -336,7 +339,23 @@ class ForceField(nn.Module):
     def _atom_energy(self, z: Tensor, pos: Tensor, batch: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-atom energies (eV) and the representation ``(x, vec)``; what compile_inference compiles."""
         x, vec = self.representation(z, pos, batch, edge_index)
-        return self.prior(self.energy_head(x, vec), z), x, vec
+        if not torch.jit.is_scripting() and self._head_fused(x):
+            y = self._energy_head_fused(x, vec)
+        else:
+            y = self.energy_head(x, vec)
+        return self.prior(y, z), x, vec
+
+    @torch.jit.unused
+    def _head_fused(self, x: Tensor) -> bool:
+        # the energy head in C++ (no parameter gradients): for the calls that run the layer stack
+        rep = self.representation
+        return self.fused_head and rep.fused and rep.fused_stack and rep.detached_call and rep._fused_applies(x)
+
+    @torch.jit.unused
+    def _energy_head_fused(self, x: Tensor, vec: Tensor) -> Tensor:
+        from .kernels import energy_head
+
+        return energy_head(x, vec, self.energy_head.fused_parameters(), self.config.activation)
 
     def extra_repr(self) -> str:
         c = self.config

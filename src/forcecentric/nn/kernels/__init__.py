@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MessageGraph", "et_message", "et_stack", "load_extension", "use_fused_if_available", "ACTIVATION_CODES"]
+__all__ = ["MessageGraph", "energy_head", "et_front", "et_message", "et_stack", "load_extension", "use_fused_if_available", "ACTIVATION_CODES"]
 
 #: activation name -> code understood by the kernel
 ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
@@ -294,6 +294,60 @@ def et_stack(
     index = rbf_index.contiguous() if rbf_index is not None else rbf.new_empty(0, dtype=torch.long)
     return _ETStack.apply(
         x.contiguous(), vec.contiguous(), rbf.contiguous(), cut.contiguous(), unit.contiguous(), index, graph,
-        [p.detach().contiguous() for p in params], int(heads), ACTIVATION_CODES[activation],
+        [p.contiguous() for p in params], int(heads), ACTIVATION_CODES[activation],
         ACTIVATION_CODES[filter_activation], bool(vector_cutoff), float(eps),
     )
+
+
+class _EnergyHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, vec, params, act):
+        out = load_extension().head_forward(x, vec, params, act)
+        ctx.saved, ctx.params, ctx.act = out[1:], params, act
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        gx, gvec = load_extension().head_backward(grad_y.contiguous(), ctx.saved, ctx.params, ctx.act)
+        return gx, gvec, None, None
+
+
+def energy_head(x: Tensor, vec: Tensor, params: list[Tensor], activation: str) -> Tensor:
+    """:class:`~forcecentric.nn.heads.EnergyHead` in C++: per-atom outputs ``[N]`` from ``x [N, F]``
+    and ``vec [N, 3, F]``, with ``params`` from its ``fused_parameters()``. Like :func:`et_stack`
+    its backward gives the gradients of ``x`` and ``vec`` and **none for the parameters**."""
+    return _EnergyHead.apply(x, vec, params, ACTIVATION_CODES[activation])
+
+
+class _ETFront(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pos, z, idx_i, idx_j, params, cutoff, alpha):
+        x, rbf, cut, unit, r, cut_e, lin = load_extension().front_forward(pos, z, idx_i, idx_j, params, cutoff, alpha)
+        ctx.save_for_backward(pos, z, idx_i, idx_j, r, unit, cut_e, lin)
+        ctx.params, ctx.cutoff, ctx.alpha = params, cutoff, alpha
+        return x, rbf, cut, unit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_x, g_rbf, g_cut, g_unit):
+        pos, z, idx_i, idx_j, r, unit, cut_e, lin = ctx.saved_tensors
+        g_pos = load_extension().front_backward(
+            g_x.contiguous(), g_rbf.contiguous(), g_cut.contiguous(), g_unit.contiguous(), pos, z, idx_i, idx_j, r,
+            unit, cut_e, lin, ctx.params, ctx.cutoff, ctx.alpha,
+        )
+        return g_pos, None, None, None, None, None, None
+
+
+def et_front(
+    pos: Tensor, z: Tensor, idx_i: Tensor, idx_j: Tensor, params: list[Tensor], cutoff: float, alpha: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ET representation's front in C++: the initial scalars ``x [N, F]`` (embedding, and the
+    neighbour embedding when ``params`` has its five tensors) and, for the real edges ``i <- j``
+    followed by one self loop per atom, the radial basis ``[E + N, K]``, the cosine cutoff
+    ``[E + N]`` and the unit vectors ``[E + N, 3]``. ``params``: the embedding, the radial
+    basis' means and betas, then the neighbour embedding's embedding, distance projection
+    weight and bias, and combination weight and bias. Like :func:`et_stack` its backward gives
+    the gradient of ``pos`` and **none for the parameters**."""
+    return _ETFront.apply(pos.contiguous(), z, idx_i.contiguous(), idx_j.contiguous(), params, float(cutoff),
+                          float(alpha))

@@ -352,7 +352,8 @@ namespace {
 constexpr int kStackParams = 9;  // ln_w, ln_b, qkv_w, qkv_b, vec_w, filt_w, filt_b, o_w, o_b
 constexpr int kStackSaved = 12;  // per layer, see et_stack_forward
 
-torch::Tensor filter_act(const torch::Tensor& pre, int64_t act) {
+// an activation over a whole tensor, with ATen's vectorised ops, and its backward
+torch::Tensor act_tensor(const torch::Tensor& pre, int64_t act) {
   switch (act) {
     case SILU: return at::silu(pre);
     case SSP: return at::softplus(pre, 1, 20) - 0.69314718055994530942;
@@ -361,7 +362,7 @@ torch::Tensor filter_act(const torch::Tensor& pre, int64_t act) {
   }
 }
 
-torch::Tensor filter_act_backward(const torch::Tensor& grad, const torch::Tensor& pre,
+torch::Tensor act_tensor_backward(const torch::Tensor& grad, const torch::Tensor& pre,
                                   const torch::Tensor& out, int64_t act) {
   switch (act) {
     case SILU: return at::silu_backward(grad, pre);
@@ -441,9 +442,11 @@ void check_stack(const torch::Tensor& x, const std::vector<torch::Tensor>& param
                     rbf_index.scalar_type() == torch::kLong,
                 "et_stack: rbf_index must be an int64 [E] when rbf has one row per atom pair");
   }
+  // (called under autograd's no-grad mode of a Function's forward and backward: parameters that
+  // require grad record nothing here)
   for (const auto& p : params) {
-    TORCH_CHECK(p.is_contiguous() && p.scalar_type() == x.scalar_type() && !p.requires_grad(),
-                "et_stack: parameters must be contiguous, of x's dtype and detached");
+    TORCH_CHECK(p.is_contiguous() && p.scalar_type() == x.scalar_type(),
+                "et_stack: parameters must be contiguous and of x's dtype");
   }
 }
 
@@ -469,7 +472,7 @@ std::vector<torch::Tensor> et_stack_forward(torch::Tensor x, torch::Tensor vec, 
     auto qkv = at::addmm(w[3], xn, w[2].t());
     auto vp = at::mm(vec.view({3 * n, f}), w[4].t()).view({n, 3, 3 * f});
     auto pre = at::addmm(w[6], rbf, w[5].t());
-    auto filt = filter_act(pre, filter_act_code);
+    auto filt = act_tensor(pre, filter_act_code);
     auto filt_e = pairs ? filt.index_select(0, rbf_index) : filt;
     auto msg = et_message_forward(qkv, vec, filt_e, cut, unit, rowptr, col, heads, act, vector_cutoff);
     auto o = at::addmm(w[8], msg[0], w[7].t());
@@ -524,7 +527,7 @@ std::vector<torch::Tensor> et_stack_backward(
     g_cut.add_(g[3]);
     g_unit.add_(g[4]);
     auto g_filt = pairs ? torch::zeros_like(filt).index_add_(0, rbf_index, g[2]) : g[2];
-    auto g_pre = filter_act_backward(g_filt, pre, filt, filter_act_code);
+    auto g_pre = act_tensor_backward(g_filt, pre, filt, filter_act_code);
     g_rbf.addmm_(g_pre, w[5]);
     // vec: the residual, the messages' senders and the vector projection
     auto gvec_next = g[1].add_(gvec);
@@ -539,9 +542,232 @@ std::vector<torch::Tensor> et_stack_backward(
   return {gx, gvec, g_rbf, g_cut, g_unit};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The energy head (forcecentric.nn.heads.EnergyHead: two gated equivariant blocks) forward and
+// backward to its inputs, for the same inference calls as the stack: no parameter gradients.
+//   block 1: v1 = vec W1^T, n = sqrt(sum_m v1^2 + 1e-8), h = act([x, n] Wa^T + ba),
+//            [xo | gate] = h Wb^T + bb, x1 = act(xo), vo = gate * (vec W2^T)
+//   block 2: u1 = vo U1^T, n2 = sqrt(sum_m u1^2 + 1e-8), h2 = act([x1, n2] Ua^T + ua),
+//            y = h2 Ub^T + ub
+// params: W1, W2, Wa, ba, Wb, bb, U1, Ua, ua, Ub, ub
+
+namespace {
+
+constexpr int kHeadParams = 11;
+
+// sqrt(sum over the spatial axis of v^2 + 1e-8) for v [N, 3, C]
+torch::Tensor spatial_norm(const torch::Tensor& v) {
+  return (v * v).sum(1).add_(1e-8).sqrt_();
+}
+
+}  // namespace
+
+// returns {y [N], then v1, n, h, ha, xo, x1, gate, v2, u1, n2, h2, ha2}
+std::vector<torch::Tensor> energy_head_forward(torch::Tensor x, torch::Tensor vec,
+                                               std::vector<torch::Tensor> w, int64_t act) {
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == kHeadParams, "energy_head: ", kHeadParams,
+              " parameters expected, got ", w.size());
+  TORCH_CHECK(x.dim() == 2 && vec.dim() == 3 && vec.size(0) == x.size(0) && vec.size(1) == 3 &&
+                  vec.size(2) == x.size(1),
+              "energy_head: x [N, F] and vec [N, 3, F] expected");
+  for (const auto& p : w) {
+    TORCH_CHECK(p.scalar_type() == x.scalar_type(), "energy_head: parameters must be of x's dtype");
+  }
+  const int64_t n = x.size(0), f = x.size(1), mid = w[1].size(0);
+  auto vflat = vec.reshape({3 * n, f});
+  auto v1 = at::mm(vflat, w[0].t()).view({n, 3, f});
+  auto nrm = spatial_norm(v1);
+  auto h = at::addmm(w[3], at::cat({x, nrm}, 1), w[2].t());
+  auto ha = act_tensor(h, act);
+  auto out = at::addmm(w[5], ha, w[4].t());
+  auto xo = out.narrow(1, 0, mid).contiguous();
+  auto gate = out.narrow(1, mid, mid).contiguous();
+  auto x1 = act_tensor(xo, act);
+  auto v2 = at::mm(vflat, w[1].t()).view({n, 3, mid});
+  auto vo = gate.unsqueeze(1) * v2;
+  auto u1 = at::mm(vo.view({3 * n, mid}), w[6].t()).view({n, 3, mid});
+  auto n2 = spatial_norm(u1);
+  auto h2 = at::addmm(w[8], at::cat({x1, n2}, 1), w[7].t());
+  auto ha2 = act_tensor(h2, act);
+  auto y = at::addmm(w[10], ha2, w[9].t()).view({n});
+  return {y, v1, nrm, h, ha, xo, x1, gate, v2, u1, n2, h2, ha2};
+}
+
+// gradients {x, vec} of the head's inputs from that of y
+std::vector<torch::Tensor> energy_head_backward(torch::Tensor grad_y, std::vector<torch::Tensor> s,
+                                                std::vector<torch::Tensor> w, int64_t act) {
+  TORCH_CHECK(s.size() == 12 && static_cast<int64_t>(w.size()) == kHeadParams, "energy_head: saved tensors");
+  const auto &v1 = s[0], &nrm = s[1], &h = s[2], &ha = s[3], &xo = s[4], &x1 = s[5], &gate = s[6],
+             &v2 = s[7], &u1 = s[8], &n2 = s[9], &h2 = s[10], &ha2 = s[11];
+  const int64_t n = v1.size(0), f = v1.size(2), mid = gate.size(1);
+  // block 2
+  auto g_h2 = act_tensor_backward(at::mm(grad_y.reshape({n, 1}), w[9]), h2, ha2, act);
+  auto g_s2 = at::mm(g_h2, w[7]);
+  auto g_x1 = g_s2.narrow(1, 0, mid);
+  auto g_u1 = (g_s2.narrow(1, mid, mid) / n2).unsqueeze(1) * u1;
+  auto g_vo = at::mm(g_u1.view({3 * n, mid}), w[6]).view({n, 3, mid});
+  // block 1
+  auto g_out = at::cat({act_tensor_backward(g_x1, xo, x1, act), (g_vo * v2).sum(1)}, 1);
+  auto g_v2 = g_vo * gate.unsqueeze(1);
+  auto g_h = act_tensor_backward(at::mm(g_out, w[4]), h, ha, act);
+  auto g_s = at::mm(g_h, w[2]);
+  auto g_v1 = (g_s.narrow(1, f, f) / nrm).unsqueeze(1) * v1;
+  auto g_vec = at::mm(g_v1.view({3 * n, f}), w[0]);
+  g_vec.addmm_(g_v2.view({3 * n, mid}), w[1]);
+  return {g_s.narrow(1, 0, f).contiguous(), g_vec.view({n, 3, f})};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The front of the representation (forcecentric.nn.et.ETRepresentation.forward up to the
+// layers), forward and backward to the positions, for the same inference calls as the stack.
+// Per real edge e = (i <- j): d = pos[j] - pos[i], r = |d|, unit = d / r,
+//   cut(r) = 0.5 (cos(pi r / rc) + 1) [r < rc],  rbf_k = cut(r) exp(-beta_k (exp(-alpha r) - mu_k)^2)
+// then one self loop per atom (r = 0, unit = 0) after the real edges. Scalars:
+//   x = emb[z], and with the neighbour embedding
+//   x <- [x, sum_j nemb[z_j] (rbf_e Wd^T + bd) cut(r_e)] Wc^T + bc
+// params: emb, means, betas, then (neighbour embedding) nemb, Wd, bd, Wc, bc
+
+namespace {
+
+template <typename T>
+void front_edges_impl(const T* __restrict__ POS, const int64_t* I, const int64_t* J,
+                      const T* __restrict__ MU, const T* __restrict__ BETA, T* __restrict__ R,
+                      T* __restrict__ UNIT, T* __restrict__ CUT, T* __restrict__ RBF, int64_t e,
+                      int64_t k, T rc, T alpha) {
+  const T pi = T(3.14159265358979323846);
+  at::parallel_for(0, e, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      const T* pi_ = POS + 3 * I[q];
+      const T* pj = POS + 3 * J[q];
+      const T d0 = pj[0] - pi_[0], d1 = pj[1] - pi_[1], d2 = pj[2] - pi_[2];
+      const T r = std::sqrt(d0 * d0 + d1 * d1 + d2 * d2);
+      R[q] = r;
+      UNIT[3 * q] = d0 / r;
+      UNIT[3 * q + 1] = d1 / r;
+      UNIT[3 * q + 2] = d2 / r;
+      const T c = r < rc ? T(0.5) * (std::cos(r * (pi / rc)) + T(1)) : T(0);
+      CUT[q] = c;
+      const T ex = std::exp(-alpha * r);
+      for (int64_t b = 0; b < k; ++b) {
+        const T t = ex - MU[b];
+        RBF[q * k + b] = c * std::exp(-BETA[b] * t * t);
+      }
+    }
+  });
+}
+
+// dL/dr of each real edge (from rbf, cut and r itself), then dL/d(edge vector) from it and from
+// dL/dunit: written per edge, summed into the positions afterwards
+template <typename T>
+void front_edges_backward_impl(const T* __restrict__ R, const T* __restrict__ UNIT,
+                               const T* __restrict__ MU, const T* __restrict__ BETA,
+                               const T* __restrict__ GRBF, const T* __restrict__ GCUT,
+                               const T* __restrict__ GUNIT, T* __restrict__ GD, int64_t e,
+                               int64_t k, T rc, T alpha) {
+  const T pi = T(3.14159265358979323846);
+  at::parallel_for(0, e, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      const T r = R[q];
+      const bool inside = r < rc;
+      const T c = inside ? T(0.5) * (std::cos(r * (pi / rc)) + T(1)) : T(0);
+      const T dc = inside ? T(-0.5) * (pi / rc) * std::sin(r * (pi / rc)) : T(0);
+      const T ex = std::exp(-alpha * r);
+      T gr = GCUT[q] * dc;
+      for (int64_t b = 0; b < k; ++b) {
+        const T t = ex - MU[b];
+        const T g = std::exp(-BETA[b] * t * t);
+        // d/dr [c g] = dc g + c g (-2 beta t) (-alpha ex)
+        gr += GRBF[q * k + b] * g * (dc + c * T(2) * BETA[b] * t * alpha * ex);
+      }
+      const T u0 = UNIT[3 * q], u1 = UNIT[3 * q + 1], u2 = UNIT[3 * q + 2];
+      const T g0 = GUNIT[3 * q], g1 = GUNIT[3 * q + 1], g2 = GUNIT[3 * q + 2];
+      const T ug = u0 * g0 + u1 * g1 + u2 * g2;
+      // unit = d / r: d unit / d d = (1 - u u^T) / r;  r: d r / d d = u
+      GD[3 * q] = (g0 - u0 * ug) / r + gr * u0;
+      GD[3 * q + 1] = (g1 - u1 * ug) / r + gr * u1;
+      GD[3 * q + 2] = (g2 - u2 * ug) / r + gr * u2;
+    }
+  });
+}
+
+}  // namespace
+
+// returns {x, att_rbf [E + N, K], att_cut [E + N], att_unit [E + N, 3], then r, cut_e, lin}
+std::vector<torch::Tensor> et_front_forward(torch::Tensor pos, torch::Tensor z, torch::Tensor idx_i,
+                                            torch::Tensor idx_j, std::vector<torch::Tensor> w,
+                                            double cutoff, double alpha) {
+  TORCH_CHECK(w.size() == 3 || w.size() == 8, "et_front: 3 or 8 parameters expected, got ", w.size());
+  TORCH_CHECK(pos.dim() == 2 && pos.size(1) == 3 && pos.is_contiguous(), "et_front: pos must be a contiguous [N, 3]");
+  TORCH_CHECK(idx_i.scalar_type() == torch::kLong && idx_j.scalar_type() == torch::kLong &&
+                  idx_i.is_contiguous() && idx_j.is_contiguous() && idx_i.size(0) == idx_j.size(0),
+              "et_front: int64 edge indices expected");
+  const int64_t n = pos.size(0), e = idx_i.size(0), k = w[1].size(0);
+  auto opts = pos.options();
+  auto r = torch::empty({e}, opts);
+  auto unit = torch::zeros({e + n, 3}, opts);
+  auto cut = torch::empty({e + n}, opts);
+  auto rbf = torch::empty({e + n, k}, opts);
+  auto means = w[1].contiguous(), betas = w[2].contiguous();
+  AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "et_front_edges", [&] {
+    front_edges_impl<scalar_t>(pos.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(),
+                               idx_j.data_ptr<int64_t>(), means.data_ptr<scalar_t>(),
+                               betas.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+                               unit.data_ptr<scalar_t>(), cut.data_ptr<scalar_t>(),
+                               rbf.data_ptr<scalar_t>(), e, k, static_cast<scalar_t>(cutoff),
+                               static_cast<scalar_t>(alpha));
+  });
+  // the self loops: r = 0 (cut = 1, rbf from the same formula), unit = 0
+  auto zero = torch::zeros({n}, opts);
+  cut.narrow(0, e, n).fill_(1);
+  rbf.narrow(0, e, n).copy_(torch::exp(-betas * (1 - means).pow(2)).expand({n, k}));
+  auto x = w[0].index_select(0, z);
+  if (w.size() == 3) {
+    return {x, rbf, cut, unit, r, torch::empty({0}, opts), torch::empty({0}, opts)};  // (no neighbour embedding)
+  }
+  auto cut_e = cut.narrow(0, 0, e);
+  auto lin = at::addmm(w[5], rbf.narrow(0, 0, e), w[4].t());
+  auto msg = w[3].index_select(0, z.index_select(0, idx_j)) * (lin * cut_e.unsqueeze(1));
+  auto agg = torch::zeros_like(x).index_add_(0, idx_i, msg);
+  auto x0 = at::addmm(w[7], at::cat({x, agg}, 1), w[6].t());
+  return {x0, rbf, cut, unit, r, cut_e, lin};
+}
+
+// gradient of the positions from those of x, att_rbf, att_cut and att_unit
+torch::Tensor et_front_backward(torch::Tensor g_x, torch::Tensor g_rbf, torch::Tensor g_cut,
+                                torch::Tensor g_unit, torch::Tensor pos, torch::Tensor z,
+                                torch::Tensor idx_i, torch::Tensor idx_j, torch::Tensor r,
+                                torch::Tensor unit, torch::Tensor cut_e, torch::Tensor lin,
+                                std::vector<torch::Tensor> w, double cutoff, double alpha) {
+  const int64_t e = idx_i.size(0), k = w[1].size(0), f = w[0].size(1);
+  auto grbf = g_rbf.narrow(0, 0, e).contiguous();
+  auto gcut = g_cut.narrow(0, 0, e).contiguous();
+  if (w.size() == 8) {
+    // x0 = [x, agg] Wc^T + bc;  agg_i = sum_e nemb[z_j] lin_e cut_e
+    auto g_agg = at::mm(g_x, w[6]).narrow(1, f, f);
+    auto g_w = g_agg.index_select(0, idx_i).mul_(w[3].index_select(0, z.index_select(0, idx_j)));  // d (lin cut)
+    gcut = gcut + (g_w * lin).sum(1);
+    grbf = grbf.addmm(g_w.mul_(cut_e.unsqueeze(1)), w[4]);
+  }
+  auto gunit = g_unit.narrow(0, 0, e).contiguous();
+  auto gd = torch::empty({e, 3}, pos.options());
+  auto means = w[1].contiguous(), betas = w[2].contiguous();
+  AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "et_front_edges_backward", [&] {
+    front_edges_backward_impl<scalar_t>(
+        r.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(), means.data_ptr<scalar_t>(),
+        betas.data_ptr<scalar_t>(), grbf.data_ptr<scalar_t>(), gcut.data_ptr<scalar_t>(),
+        gunit.data_ptr<scalar_t>(), gd.data_ptr<scalar_t>(), e, k, static_cast<scalar_t>(cutoff),
+        static_cast<scalar_t>(alpha));
+  });
+  return torch::zeros_like(pos).index_add_(0, idx_j, gd).index_add_(0, idx_i, -gd);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &et_message_forward, "fused ET message passing, forward (CPU)");
   m.def("backward", &et_message_backward, "fused ET message passing, backward (CPU)");
   m.def("stack_forward", &et_stack_forward, "the ET's layer stack, forward (CPU inference)");
   m.def("stack_backward", &et_stack_backward, "the ET's layer stack, backward to its inputs (CPU)");
+  m.def("front_forward", &et_front_forward, "the representation's front, forward (CPU inference)");
+  m.def("front_backward", &et_front_backward, "the representation's front, backward to the positions (CPU)");
+  m.def("head_forward", &energy_head_forward, "the energy head, forward (CPU inference)");
+  m.def("head_backward", &energy_head_backward, "the energy head, backward to its inputs (CPU)");
 }
