@@ -5,6 +5,7 @@ without the vector cutoff, both dtypes, the generic and the specialised head siz
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -283,6 +284,16 @@ def test_stack_only_where_no_graph_leaves_the_call(monkeypatch):
     with torch.no_grad():
         model(z, pos, batch)
     assert count.calls == 3 and rep.detached_call is False
+    seen = []  # the state is per thread: another thread's call does not mark this one's
+
+    def other_thread():
+        rep.detached_call = True
+        seen.append(rep.detached_call)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert seen == [True] and rep.detached_call is False
 
 
 def test_fused_forces_are_equivariant():

@@ -18,6 +18,7 @@ neighbour embedding uses only the real neighbours.
 
 
 import math
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -302,8 +303,32 @@ class EquivariantAttention(nn.Module):
         return self._update(x_agg, vec_agg, vec3, vec_dot)
 
 
+# per thread: the representations inside a call whose results their model detaches
+_detached_calls = threading.local()
+
+
 class ETRepresentation(nn.Module):
     """Equivariant Transformer: ``(z, pos, batch) -> (x [N, F], vec [N, 3, F])``."""
+
+    __jit_unused_properties__ = ["detached_call"]
+
+    @property
+    def detached_call(self) -> bool:
+        """Whether this thread is inside a :class:`~forcecentric.nn.ForceField` call whose results
+        the model detaches (inference: nobody can differentiate them with respect to the
+        parameters), set by the model for the call's duration. Per thread, so that a model
+        shared between threads never lends one call's state to another."""
+        return id(self) in getattr(_detached_calls, "ids", ())
+
+    @detached_call.setter
+    def detached_call(self, value: bool) -> None:
+        ids = getattr(_detached_calls, "ids", None)
+        if ids is None:
+            ids = _detached_calls.ids = set()
+        if value:
+            ids.add(id(self))
+        else:
+            ids.discard(id(self))
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -352,9 +377,6 @@ class ETRepresentation(nn.Module):
         self.fused_stack = True
         #: with the stack, also the front (geometry, radial basis, embeddings) as one C++ call
         self.fused_front = True
-        #: set by :class:`~forcecentric.nn.ForceField` for the duration of a call whose results
-        #: it detaches (inference: nobody can differentiate them with respect to the parameters)
-        self.detached_call = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -215,9 +215,13 @@ class ForceField(nn.Module):
     def use_fused_kernels(self, enabled: bool = True) -> "ForceField":
         """Run the message passing of CPU inference through the fused C++ kernels of
         :mod:`forcecentric.nn.kernels` (compiled on first use; raises ``RuntimeError`` naming the
-        cause when they cannot be built). Energies and forces equal the eager path's to float
-        rounding. Other devices, autocast and ``torch.compile`` take the eager path; training
-        forces (``create_graph``) are refused while enabled: call ``use_fused_kernels(False)``."""
+        cause when they cannot be built). Calls whose results come back without a graph (energies
+        and forces for MD, evaluation, prediction) run the representation's front, all the
+        layers and the energy head as three C++ calls, each with its analytic backward; calls
+        that keep a graph run one kernel call per layer and keep every parameter gradient.
+        Energies and forces equal the eager path's to float rounding. Other devices, autocast and
+        ``torch.compile`` take the eager path; training forces (``create_graph``) are refused
+        while enabled: call ``use_fused_kernels(False)``."""
         if enabled:
             from .kernels import load_extension
 
