@@ -10,12 +10,13 @@ The per-edge messages are never stored (only the attention activation and its sl
 and head), and no thread writes where another does.
 
 For calls whose results leave without a graph (energies and forces for MD, evaluation,
-prediction: :class:`~forcecentric.nn.ForceField` says so through ``detached_call``),
-:func:`et_stack` runs all the layers at once in C++: layer norms, projections, distance filters,
-message passing and residual updates forward, then the analytic backward to the stack's inputs.
-One autograd node for the stack instead of a few dozen per layer, no Python between the
-operations, and the per-atom updates in single loops; it gives no parameter gradients, so calls that keep a graph use :func:`et_message` per
-layer.
+prediction: :class:`~forcecentric.nn.ForceField` says so through ``detached_call``), the whole
+call runs as three C++ pieces, each with its analytic backward: :func:`et_front` (geometry,
+radial basis, embeddings; backward to the positions), :func:`et_stack` (all the layers: layer
+norms, projections, distance filters, message passing and residual updates) and
+:func:`energy_head`. One autograd node per piece instead of a few dozen per layer, no Python
+between the operations, and the per-atom updates in single loops. They give no parameter
+gradients, so calls that keep a graph use :func:`et_message` once per layer.
 
 The extension is compiled on first use with the C++ compiler PyTorch's inductor also needs
 (``torch.utils.cpp_extension``; about half a minute, then cached under ``TORCH_EXTENSIONS_DIR`` or
@@ -38,7 +39,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MessageGraph", "energy_head", "et_front", "et_message", "et_stack", "load_extension", "use_fused_if_available", "ACTIVATION_CODES"]
+__all__ = [
+    "MessageGraph", "energy_head", "et_front", "et_message", "et_stack", "load_extension",
+    "use_fused_if_available", "ACTIVATION_CODES",
+]
 
 #: activation name -> code understood by the kernel
 ACTIVATION_CODES = {"silu": 0, "ssp": 1, "tanh": 2, "gelu": 3}
