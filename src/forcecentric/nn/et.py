@@ -413,9 +413,7 @@ class ETRepresentation(nn.Module):
         unit = edge_vec / r.unsqueeze(-1)
 
         # self loops for the attention layers: distance 0, zero direction
-        loops = torch.arange(n, device=z.device, dtype=idx_i.dtype)
-        att_i = torch.cat([idx_i, loops])
-        att_j = torch.cat([idx_j, loops])
+        att_i, att_j = self._with_self_loops(idx_i, idx_j, n)
         att_r = torch.cat([r, r.new_zeros(n)])
         att_unit = torch.cat([unit, unit.new_zeros(n, 3)])
         att_rbf = self.distance_expansion(att_r)
@@ -444,10 +442,21 @@ class ETRepresentation(nn.Module):
         x = self.out_norm(x)
         return x, vec
 
+    def _with_self_loops(self, idx_i: Tensor, idx_j: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+        """The attention layers' edges: the real ones, then one self loop per atom."""
+        loops = torch.arange(n, device=idx_i.device, dtype=idx_i.dtype)
+        return torch.cat([idx_i, loops]), torch.cat([idx_j, loops])
+
+    @torch.jit.unused
+    def _stack_inference(self, x: Tensor) -> bool:
+        # the layers as one C++ call without parameter gradients (and the model's energy head):
+        # fused CPU calls whose results leave without a graph
+        return self.fused and self.fused_stack and self.detached_call and self._fused_applies(x)
+
     @torch.jit.unused
     def _whole_inference(self, pos: Tensor) -> bool:
-        # the front, the layers (and the model's energy head) in C++, without parameter gradients
-        return self.fused and self.fused_stack and self.fused_front and self.detached_call and self._fused_applies(pos)
+        # the front in C++ as well
+        return self.fused_front and self._stack_inference(pos)
 
     @torch.jit.unused
     def _forward_inference(self, z: Tensor, pos: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -463,9 +472,7 @@ class ETRepresentation(nn.Module):
         x, att_rbf, att_cut, att_unit = et_front(
             pos, z, idx_i, idx_j, params, self.cutoff, self.distance_expansion.alpha
         )
-        loops = torch.arange(n, device=z.device, dtype=idx_i.dtype)
-        att_i = torch.cat([idx_i, loops])
-        att_j = torch.cat([idx_j, loops])
+        att_i, att_j = self._with_self_loops(idx_i, idx_j, n)
         vec = x.new_zeros(n, 3, self.hidden_channels)
         x, vec = self._layers_fused(x, vec, att_i, att_j, att_cut, att_rbf, att_unit, self._pairs(att_i, att_j, n))
         return self.out_norm(x), vec
@@ -531,7 +538,7 @@ class ETRepresentation(nn.Module):
             rbf_index = pair_of_edge.index_select(0, graph.perm)
         else:
             rbf = att_rbf.index_select(0, graph.perm)
-        if self.fused_stack and self.detached_call:
+        if self._stack_inference(x):
             first = self.layers[0]
             params = [t for layer in self.layers for t in layer.stack_parameters()]
             return et_stack(

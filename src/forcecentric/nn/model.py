@@ -352,8 +352,7 @@ class ForceField(nn.Module):
     @torch.jit.unused
     def _head_fused(self, x: Tensor) -> bool:
         # the energy head in C++ (no parameter gradients): for the calls that run the layer stack
-        rep = self.representation
-        return self.fused_head and rep.fused and rep.fused_stack and rep.detached_call and rep._fused_applies(x)
+        return self.fused_head and self.representation._stack_inference(x)
 
     @torch.jit.unused
     def _energy_head_fused(self, x: Tensor, vec: Tensor) -> Tensor:

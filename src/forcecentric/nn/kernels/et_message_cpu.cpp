@@ -501,15 +501,14 @@ std::vector<torch::Tensor> et_stack_backward(
     torch::Tensor rowptr, torch::Tensor col, torch::Tensor colptr, torch::Tensor colperm,
     torch::Tensor row, std::vector<torch::Tensor> params, int64_t heads, int64_t filter_act_code,
     bool vector_cutoff) {
-  const int64_t per = kStackSaved;
   const int64_t layers = static_cast<int64_t>(params.size()) / kStackParams;
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == layers * per, "et_stack: saved tensors");
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == layers * kStackSaved, "et_stack: saved tensors");
   const bool pairs = rbf_index.numel() > 0;
   auto gx = grad_x.contiguous(), gvec = grad_vec.contiguous();
   auto g_rbf = torch::zeros_like(rbf), g_cut = torch::zeros_like(cut), g_unit = torch::zeros_like(unit);
   for (int64_t l = layers - 1; l >= 0; --l) {
     const torch::Tensor* w = params.data() + l * kStackParams;
-    const torch::Tensor* s = saved.data() + l * per;
+    const torch::Tensor* s = saved.data() + l * kStackSaved;
     const auto &x = s[0], &mean = s[1], &rstd = s[2], &qkv = s[3], &vec = s[4], &vp = s[5],
                &pre = s[6], &filt = s[7], &filt_e = s[8], &acts = s[9], &o = s[10], &vdot = s[11];
     const int64_t n = x.size(0), f = x.size(1);
@@ -554,6 +553,7 @@ std::vector<torch::Tensor> et_stack_backward(
 namespace {
 
 constexpr int kHeadParams = 11;
+constexpr int kHeadSaved = 12;  // see energy_head_forward
 
 // sqrt(sum over the spatial axis of v^2 + 1e-8) for v [N, 3, C]
 torch::Tensor spatial_norm(const torch::Tensor& v) {
@@ -596,7 +596,8 @@ std::vector<torch::Tensor> energy_head_forward(torch::Tensor x, torch::Tensor ve
 // gradients {x, vec} of the head's inputs from that of y
 std::vector<torch::Tensor> energy_head_backward(torch::Tensor grad_y, std::vector<torch::Tensor> s,
                                                 std::vector<torch::Tensor> w, int64_t act) {
-  TORCH_CHECK(s.size() == 12 && static_cast<int64_t>(w.size()) == kHeadParams, "energy_head: saved tensors");
+  TORCH_CHECK(static_cast<int64_t>(s.size()) == kHeadSaved && static_cast<int64_t>(w.size()) == kHeadParams,
+              "energy_head: saved tensors");
   const auto &v1 = s[0], &nrm = s[1], &h = s[2], &ha = s[3], &xo = s[4], &x1 = s[5], &gate = s[6],
              &v2 = s[7], &u1 = s[8], &n2 = s[9], &h2 = s[10], &ha2 = s[11];
   const int64_t n = v1.size(0), f = v1.size(2), mid = gate.size(1);
@@ -629,12 +630,20 @@ std::vector<torch::Tensor> energy_head_backward(torch::Tensor grad_y, std::vecto
 
 namespace {
 
+// the cosine cutoff 0.5 (cos(pi r / rc) + 1) for r < rc (else 0); its slope too when asked
+template <typename T>
+inline T cosine_cutoff(T r, T rc, T* slope = nullptr) {
+  const T w = T(3.14159265358979323846) / rc;
+  const bool inside = r < rc;
+  if (slope != nullptr) *slope = inside ? T(-0.5) * w * std::sin(r * w) : T(0);
+  return inside ? T(0.5) * (std::cos(r * w) + T(1)) : T(0);
+}
+
 template <typename T>
 void front_edges_impl(const T* __restrict__ POS, const int64_t* I, const int64_t* J,
                       const T* __restrict__ MU, const T* __restrict__ BETA, T* __restrict__ R,
                       T* __restrict__ UNIT, T* __restrict__ CUT, T* __restrict__ RBF, int64_t e,
                       int64_t k, T rc, T alpha) {
-  const T pi = T(3.14159265358979323846);
   at::parallel_for(0, e, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) {
       const T* pi_ = POS + 3 * I[q];
@@ -645,7 +654,7 @@ void front_edges_impl(const T* __restrict__ POS, const int64_t* I, const int64_t
       UNIT[3 * q] = d0 / r;
       UNIT[3 * q + 1] = d1 / r;
       UNIT[3 * q + 2] = d2 / r;
-      const T c = r < rc ? T(0.5) * (std::cos(r * (pi / rc)) + T(1)) : T(0);
+      const T c = cosine_cutoff(r, rc);
       CUT[q] = c;
       const T ex = std::exp(-alpha * r);
       for (int64_t b = 0; b < k; ++b) {
@@ -664,13 +673,11 @@ void front_edges_backward_impl(const T* __restrict__ R, const T* __restrict__ UN
                                const T* __restrict__ GRBF, const T* __restrict__ GCUT,
                                const T* __restrict__ GUNIT, T* __restrict__ GD, int64_t e,
                                int64_t k, T rc, T alpha) {
-  const T pi = T(3.14159265358979323846);
   at::parallel_for(0, e, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) {
       const T r = R[q];
-      const bool inside = r < rc;
-      const T c = inside ? T(0.5) * (std::cos(r * (pi / rc)) + T(1)) : T(0);
-      const T dc = inside ? T(-0.5) * (pi / rc) * std::sin(r * (pi / rc)) : T(0);
+      T dc;
+      const T c = cosine_cutoff(r, rc, &dc);
       const T ex = std::exp(-alpha * r);
       T gr = GCUT[q] * dc;
       for (int64_t b = 0; b < k; ++b) {
@@ -717,7 +724,6 @@ std::vector<torch::Tensor> et_front_forward(torch::Tensor pos, torch::Tensor z, 
                                static_cast<scalar_t>(alpha));
   });
   // the self loops: r = 0 (cut = 1, rbf from the same formula), unit = 0
-  auto zero = torch::zeros({n}, opts);
   cut.narrow(0, e, n).fill_(1);
   rbf.narrow(0, e, n).copy_(torch::exp(-betas * (1 - means).pow(2)).expand({n, k}));
   auto x = w[0].index_select(0, z);
