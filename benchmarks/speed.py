@@ -82,6 +82,15 @@ def water_cluster(n_side: int = 7, spacing: float = 3.1, seed: int = 0):
     return numbers, positions
 
 
+#: the water cluster by name, for the scripts that time one structure at a time
+WATER = "water-cluster"
+
+
+def named_structure(name: str) -> tuple[list[int], list[list[float]]]:
+    """``(numbers, positions)`` of a molecule of :data:`MOLECULES` or of the water cluster (:data:`WATER`)."""
+    return water_cluster() if name == WATER else embed(MOLECULES[name])
+
+
 def molecules() -> list[dict]:
     out = []
     for name, smi in MOLECULES.items():

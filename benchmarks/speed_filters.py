@@ -44,7 +44,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed import MOLECULES, embed, water_cluster  # noqa: E402
+from speed import MOLECULES, WATER, named_structure  # noqa: E402
 from speed_profile import median_ms  # noqa: E402
 from speed_worker import SIZES  # noqa: E402
 
@@ -115,12 +115,9 @@ def parts(model: ForceField, rbf: torch.Tensor, grads: list[torch.Tensor]) -> di
     }
 
 
-WATER = "water-cluster"  # speed.py's 343 waters (1,029 atoms)
-
-
 def measure(molecule: str, args) -> dict:
     """Every timing of one molecule, side by side."""
-    numbers, positions = water_cluster() if molecule == WATER else embed(MOLECULES[molecule])
+    numbers, positions = named_structure(molecule)
     z = torch.tensor(numbers)
     pos = torch.tensor(positions, dtype=torch.float32)
     batch = torch.zeros(len(z), dtype=torch.long)

@@ -36,7 +36,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed import MOLECULES, embed, water_cluster  # noqa: E402
+from speed import MOLECULES, WATER, named_structure  # noqa: E402
 from speed_profile import median_ms  # noqa: E402
 from speed_worker import SIZES  # noqa: E402
 
@@ -96,10 +96,7 @@ def cpp_share(model: ForceField, path: str, z, pos, batch, repeats: int) -> dict
 
 
 def measure(molecule: str, args) -> dict:
-    if molecule == "water-cluster":
-        numbers, positions = water_cluster()
-    else:
-        numbers, positions = embed(MOLECULES[molecule])
+    numbers, positions = named_structure(molecule)
     z = torch.tensor(numbers)
     pos = torch.tensor(positions, dtype=torch.float32)
     batch = torch.zeros(len(z), dtype=torch.long)
@@ -131,7 +128,7 @@ def measure(molecule: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--molecules", default="ethanol,aspirin,3BPA,deca-alanine",
-                   help=f"comma-separated, from {', '.join([*MOLECULES, 'water-cluster'])}")
+                   help=f"comma-separated, from {', '.join([*MOLECULES, WATER])}")
     p.add_argument("--size", default="paper", choices=list(SIZES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds per molecule")
@@ -141,7 +138,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "speed_stack.json"))
     args = p.parse_args()
     molecules, paths = args.molecules.split(","), args.paths.split(",")
-    unknown = [m for m in molecules if m not in MOLECULES and m != "water-cluster"]
+    unknown = [m for m in molecules if m not in MOLECULES and m != WATER]
     bad_paths = [x for x in paths if x not in PATHS]
     if unknown or bad_paths:
         p.error(f"unknown molecules {unknown} or paths {bad_paths}")
